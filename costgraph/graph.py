@@ -1,0 +1,161 @@
+"""The cost graph: one networkx node per vendor operation, grouped in scopes.
+
+A node is `<scope>.<module path>` (e.g. `vision.crops.sam.blocks.3.attn.qkv`) and carries
+its op kind, symbolic input/output shapes and its per-execution `Cost`. Edges are data
+flow. A scope is a named subgraph that runs `multiplicity` times (the crop branch runs
+once per crop) and may be summed over an index (decode step t = lo..hi). A scope's total
+is a sympy sum: there is no numeric "effective batch" anywhere.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterable, NamedTuple
+
+import networkx as nx
+import sympy as sp
+
+from . import ops
+from .cost import METRICS, Cost
+
+
+class Tensor(NamedTuple):
+    node: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class Scope:
+    name: str
+    multiplicity: sp.Expr = sp.Integer(1)
+    # (index symbol, lo, hi): the scope's body is summed over the index, inclusive.
+    sum_over: tuple | None = None
+    doc: str = ""
+
+
+@dataclass
+class CostGraph:
+    name: str
+    params: dict = field(default_factory=dict)  # what the graph was built for (mode, variants)
+
+    def __post_init__(self):
+        self.g = nx.DiGraph(name=self.name)
+        self.scopes: dict[str, Scope] = {}
+
+    # ---- building ----------------------------------------------------------------
+    def scope(self, name: str, multiplicity=1, sum_over=None, doc: str = "") -> "ScopeBuilder":
+        parent = name.rpartition(".")[0]
+        if parent and parent not in self.scopes:
+            raise ValueError(f"scope {name!r} needs its parent {parent!r} first")
+        self.scopes[name] = Scope(name, sp.sympify(multiplicity), sum_over, doc)
+        return ScopeBuilder(self, name)
+
+    def builder(self, name: str) -> "ScopeBuilder":
+        if name not in self.scopes:
+            raise ValueError(f"unknown scope {name!r}")
+        return ScopeBuilder(self, name)
+
+    def add_node(self, scope: str, path: str, kind: str, inputs: Iterable[Tensor], **attrs) -> Tensor:
+        if scope not in self.scopes:
+            raise ValueError(f"unknown scope {scope!r}")
+        node = f"{scope}.{path}"
+        if node in self.g:
+            raise ValueError(f"duplicate node {node!r}")
+        inputs = list(inputs)
+        shape, cost = ops.apply(kind, [t.shape for t in inputs], attrs)
+        self.g.add_node(node, scope=scope, path=path, kind=kind, attrs=attrs,
+                        in_shapes=[t.shape for t in inputs], out_shape=shape, cost=cost)
+        for t in inputs:
+            self.g.add_edge(t.node, node)
+        self.__dict__.pop("_children", None)
+        return Tensor(node, shape)
+
+    # ---- reading -----------------------------------------------------------------
+    def nodes(self, scope: str | None = None) -> list[str]:
+        if scope is None:
+            return list(self.g.nodes)
+        return [n for n in self.g.nodes if _within(self.g.nodes[n]["scope"], scope)]
+
+    def cost(self, node: str) -> Cost:
+        """Cost of one execution of the node (one view, one decode step at index t)."""
+        return self.g.nodes[node]["cost"]
+
+    def chain(self, scope: str) -> list[Scope]:
+        parts = scope.split(".")
+        return [self.scopes[".".join(parts[: i + 1])] for i in range(len(parts))
+                if ".".join(parts[: i + 1]) in self.scopes]
+
+    def effective_cost(self, node: str) -> Cost:
+        """The node's cost over the whole run: scaled by every enclosing multiplicity, summed over indices."""
+        cost = self.cost(node)
+        for s in reversed(self.chain(self.g.nodes[node]["scope"])):
+            cost = _repeat(cost, s)
+        return cost
+
+    @cached_property
+    def _children(self) -> dict[str, list[str]]:
+        kids: dict[str, list[str]] = {s: [] for s in self.scopes}
+        for s in self.scopes:
+            parent = s.rpartition(".")[0]
+            if parent in kids:
+                kids[parent].append(s)
+        return kids
+
+    def total(self, scope: str) -> Cost:
+        """Total cost of a scope, including its own multiplicity and those of its parents."""
+        if scope not in self.scopes:
+            raise KeyError(scope)
+        cost = self._inner(scope)
+        for s in reversed(self.chain(scope)):
+            cost = _repeat(cost, s)
+        return cost
+
+    def _inner(self, scope: str) -> Cost:
+        own = [self.cost(n) for n in self.g.nodes if self.g.nodes[n]["scope"] == scope]
+        kids = [_repeat(self._inner(k), self.scopes[k]) for k in self._children[scope]]
+        return sum(own + kids, Cost())
+
+    # ---- export ------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """Node-link JSON with every expression as a string."""
+        data = nx.node_link_data(self.g, edges="edges")
+        for n in data["nodes"]:
+            n["cost"] = {m: str(e) for m, e in n["cost"].as_dict().items()}
+            n["in_shapes"] = [[str(d) for d in s] for s in n["in_shapes"]]
+            n["out_shape"] = [str(d) for d in n["out_shape"]]
+            n["attrs"] = {k: str(v) for k, v in n["attrs"].items()}
+        data["graph"] = {"name": self.name, "params": {k: str(v) for k, v in self.params.items()}}
+        data["scopes"] = [
+            {"name": s.name, "multiplicity": str(s.multiplicity),
+             "sum_over": [str(x) for x in s.sum_over] if s.sum_over else None, "doc": s.doc}
+            for s in self.scopes.values()
+        ]
+        return data
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1)
+
+
+class ScopeBuilder:
+    """Adds nodes to one scope: `b.op("sam.blocks.0.attn.qkv", "linear", x, in_features=.., ...)`."""
+
+    def __init__(self, graph: CostGraph, scope: str):
+        self.graph, self.scope = graph, scope
+
+    def input(self, path: str, shape) -> Tensor:
+        return self.graph.add_node(self.scope, path, "input", [], shape=tuple(sp.sympify(d) for d in shape))
+
+    def op(self, path: str, kind: str, *inputs: Tensor, **attrs) -> Tensor:
+        return self.graph.add_node(self.scope, path, kind, inputs, **attrs)
+
+
+def _within(scope: str, prefix: str) -> bool:
+    return scope == prefix or scope.startswith(prefix + ".")
+
+
+def _repeat(cost: Cost, scope: Scope) -> Cost:
+    if scope.sum_over is not None:
+        idx, lo, hi = scope.sum_over
+        cost = cost.map(lambda e: sp.expand(sp.summation(e, (idx, lo, hi))) if e.has(idx) else e * (hi - lo + 1))
+    return cost * scope.multiplicity if scope.multiplicity != 1 else cost

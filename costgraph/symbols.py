@@ -1,0 +1,42 @@
+"""Every symbol of the cost model, declared once with its assumptions.
+
+Sizes are in pixels, counts are integers; all of them positive. The layout symbols
+(`w_crop`, `h_crop`) are what `dynamic_preprocess` chooses for a page; the others are
+fixed by a mode (or left symbolic for a general formula).
+"""
+import sympy as sp
+
+_int = dict(integer=True, positive=True)
+
+base_size = sp.Symbol("base_size", **_int)          # side of the global view (crop mode)
+image_size = sp.Symbol("image_size", **_int)        # side of a crop tile; the view side in native modes
+w_crop = sp.Symbol("w_crop", **_int)                # tiles across
+h_crop = sp.Symbol("h_crop", **_int)                # tiles down
+patch_size = sp.Symbol("patch_size", **_int)        # SAM patch (16)
+downsample_ratio = sp.Symbol("downsample_ratio", **_int)  # SAM grid -> token grid (4: two stride-2 convs)
+
+# Sequence symbols (language model).
+text_tokens = sp.Symbol("text_tokens", **_int)      # prompt text after the image
+output_tokens = sp.Symbol("output_tokens", **_int)  # generated tokens (first from prefill)
+decode_step = sp.Symbol("t", **_int)                # decode forward index, 1..output_tokens-1
+context = sp.Symbol("context", **_int)              # attended length in one decode step
+
+LAYOUT = (w_crop, h_crop)
+SIZES = (base_size, image_size)
+PATCH = (patch_size, downsample_ratio)
+ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens)
+BY_NAME = {s.name: s for s in ALL}
+
+# LaTeX names for papers: upright subscripts.
+LATEX_NAMES = {
+    base_size: r"S_{\mathrm{base}}",
+    image_size: r"S_{\mathrm{crop}}",
+    w_crop: r"w_{\mathrm{crop}}",
+    h_crop: r"h_{\mathrm{crop}}",
+    patch_size: r"p",
+    downsample_ratio: r"r_{\mathrm{ds}}",
+    text_tokens: r"T_{\mathrm{text}}",
+    output_tokens: r"N_{\mathrm{out}}",
+    decode_step: r"t",
+    context: r"C",
+}
