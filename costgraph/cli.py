@@ -75,13 +75,41 @@ def _layout_from_args(args, mode):
     return model.layout_for(*args.size, mode, max_num=args.max_num)
 
 
+def _variants_from_args(args):
+    from graphs.decoder import Variants
+
+    return Variants(attention=args.attention, lm_head=args.lm_head, rope=args.rope)
+
+
+def _scopes_from_args(args, mode) -> tuple[str, ...]:
+    """--scope is repeatable and takes comma lists; default: every scope of the mode."""
+    from graphs import deepseek_ocr as model
+
+    allowed = model.scopes_for(mode)
+    if not args.scope:
+        return allowed
+    scopes = tuple(dict.fromkeys(s.strip() for item in args.scope for s in item.split(",") if s.strip()))
+    bad = [s for s in scopes if s not in allowed]
+    if bad or not scopes:
+        raise UserError(f"unknown scope {', '.join(bad) or repr('')} for mode {mode.name} "
+                        f"(choose from {', '.join(allowed)})")
+    if model.E2E in scopes:  # e2e comes with its parts: vision, prefill, decode
+        scopes = tuple(dict.fromkeys([s for s in scopes if s != model.E2E] + list(model.E2E_PARTS) + [model.E2E]))
+    return scopes
+
+
 def cmd_cost(args) -> int:
     from graphs import deepseek_ocr as model
 
     mode = model.get_mode(args.mode)
+    variants = _variants_from_args(args)
     layout = _layout_from_args(args, mode)
-    totals = model.layout_totals(mode, layout, model.scopes_for(mode), METRICS)
-    out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "totals": totals}
+    scopes = _scopes_from_args(args, mode)
+    sequence = model.sequence_record(mode, layout, args.text_tokens, args.output_tokens)
+    totals = model.layout_totals(mode, layout, scopes, METRICS, text_tokens=args.text_tokens,
+                                 output_tokens=args.output_tokens, variants=variants)
+    out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "sequence": sequence,
+           "variants": variants.as_dict(), "totals": totals}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -89,6 +117,9 @@ def cmd_cost(args) -> int:
     print(f"mode {mode.name} ({mode.note})")
     print(f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
           f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
+    print(f"prompt {sequence['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {sequence['text_tokens']} "
+          f"text), {sequence['output_tokens']} output tokens (prefill + {sequence['decode_forwards']} decode forwards)")
+    print(f"variants: {variants.label()}")
     rows = [[scope, m, f"{v:,}", human(v)] for scope, ms in totals.items() for m, v in ms.items()]
     print(table(rows, ["scope", "metric", "value", "approx"]))
     return 0
@@ -98,21 +129,24 @@ def cmd_formula(args) -> int:
     from graphs import deepseek_ocr as model
 
     mode = model.get_mode(args.mode) if args.mode else None
+    variants = _variants_from_args(args)
     if args.metric not in METRICS:
         raise UserError(f"unknown metric {args.metric!r} (choose from {', '.join(METRICS)})")
     scopes = model.scopes_for(mode)
     if args.scope not in scopes:
         raise UserError(f"unknown scope {args.scope!r} (choose from {', '.join(scopes)})")
-    expr = render.closed_form(model.formula(mode, args.scope, args.metric))
-    text = render.latex(expr) if args.latex else render.plain(expr)
+    from . import forms
+
+    form = forms.build(args.form, mode.name if mode else None, args.scope, args.metric, args.grid_multiple, variants)
     if args.json:
-        print(json.dumps({"mode": mode.name if mode else None, "scope": args.scope, "metric": args.metric,
-                          "expression": render.plain(expr), "latex": render.latex(expr),
-                          "symbols": sorted(s.name for s in expr.free_symbols),
-                          "note": model.FORMULA_NOTE}, indent=1))
+        print(json.dumps({**form.to_json(), "variants": variants.as_dict(), "note": model.FORMULA_NOTE}, indent=1))
     else:
-        print(text)
-        print(f"% {model.FORMULA_NOTE}" if args.latex else f"# {model.FORMULA_NOTE}")
+        print(form.latex() if args.latex else form.plain())
+        c = "%" if args.latex else "#"
+        print(f"{c} form: {args.form}")
+        for line in form.commentary():
+            print(f"{c} {line}")
+        print(f"{c} variants: {variants.label()}")
     return 0
 
 
@@ -137,7 +171,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphs.config import MAX_CROPS, MODES
+    from graphs.config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MODES
 
     p = _Parser(prog="costgraph", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -148,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def max_num_arg(q):
         q.add_argument("--max-num", type=int, default=MAX_CROPS, help="most crops (HF 9, vLLM 6)")
+
+    def variant_args(q):
+        from graphs.decoder import ATTENTION, LM_HEAD, ROPE
+
+        q.add_argument("--attention", choices=list(ATTENTION), default="eager",
+                       help="eager: full L x L (vendor HF); flash: causal half; uncounted: 0, as profilers "
+                            "blind to flash kernels report (default: %(default)s)")
+        q.add_argument("--lm-head", choices=list(LM_HEAD), default="all",
+                       help="prefill lm_head over all prompt positions (vendor HF) or the last (vLLM) "
+                            "(default: %(default)s)")
+        q.add_argument("--rope", choices=list(ROPE), default="vendor",
+                       help="vendor: cos/sin recomputed per layer (a small matmul); once: per forward, "
+                            "elementwise (transformers 5.x) (default: %(default)s)")
 
     q = sub.add_parser("layout", help="crop grid and image tokens of page sizes")
     q.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH")
@@ -163,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", metavar="PATH")
     g.add_argument("--grid", type=parse_size, metavar="AxB", help="crop grid directly (1x1: no crops)")
     max_num_arg(q)
+    q.add_argument("--scope", action="append", metavar="SCOPE[,SCOPE...]",
+                   help="repeatable or comma list (default: every scope of the mode)")
+    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                   help="prompt text after the image (default: %(default)s, an estimate of the OCR prompt)")
+    q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
+                   help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
+    variant_args(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_cost)
 
@@ -170,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mode", default=None, help="substitute this mode's sizes (default: all symbolic)")
     q.add_argument("--metric", default="flops")
     q.add_argument("--scope", default="vision")
+    variant_args(q)
+    q.add_argument("--form", choices=["general", "simplified", "coefficients"], default="simplified",
+                   help="general: exact, with floor/ceiling and the no-crop case; simplified: a polynomial in the "
+                        "layout under the printed assumptions; coefficients: numbers by term (needs --mode) "
+                        "(default: %(default)s)")
+    q.add_argument("--grid-multiple", type=int, default=None, metavar="M",
+                   help="simplified, symbolic sizes: assume sizes are multiples of M*patch_size (default: the "
+                        "smallest M that removes every floor/ceiling; 4 keeps the window ceilings)")
     q.add_argument("--latex", action="store_true")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_formula)
@@ -182,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("bench", help="timings: graph build, compiled evaluation, reference count")
     q.add_argument("--layouts", type=int, default=1_000_000)
     q.set_defaults(fn=cmd_bench)
+
+    from verify.cli import add_parser as add_verify_parser  # parser and handler live in verify/cli.py
+    add_verify_parser(sub)
+    from .tables import add_parser as add_table_parser  # parsers and handlers in tables.py, sweep.py
+    from .sweep import add_parser as add_sweep_parser
+    add_table_parser(sub, max_num_arg, variant_args)
+    add_sweep_parser(sub, max_num_arg, variant_args)
     return p
 
 

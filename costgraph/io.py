@@ -15,6 +15,9 @@ def write_atomic(path: str, data: str | bytes) -> None:
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a result file is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -84,3 +84,54 @@ def get_mode(name: str) -> Mode:
         return MODES[name]
     except KeyError:
         raise ValueError(f"unknown mode {name!r} (choose from {', '.join(MODES)})") from None
+
+
+# ---- language model (SPEC section 5) -------------------------------------------------------
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The DeepSeek-V2 decoder as DeepSeek-OCR configures it: MHA (no GQA, no MLA), no biases,
+    one dense SwiGLU layer then MoE layers. Small instances drive the unit tests."""
+    hidden: int = 1280
+    layers: int = 12
+    heads: int = 10
+    head_dim: int = 128              # = hidden // heads (the reference derives it so)
+    rope_theta: float = 10000.0      # RoPE over all head_dim dims: inv_freq has head_dim // 2 entries
+    rms_norm_eps: float = 1e-6
+    vocab: int = 129280
+    dense_layers: int = 1            # layers 0 .. dense_layers-1 are dense, the rest MoE
+    dense_intermediate: int = 6848
+    routed_experts: int = 64
+    experts_per_token: int = 6       # greedy top-k, no renormalisation
+    routed_scaling: float = 1.0
+    moe_intermediate: int = 896
+    shared_experts: int = 2          # one shared SwiGLU of shared_experts * moe_intermediate = 1792
+    router_dtype: str = "float32"    # the router Linear runs in fp32 whatever the model dtype
+
+    @property
+    def shared_intermediate(self) -> int:
+        return self.shared_experts * self.moe_intermediate
+
+    @property
+    def rope_pairs(self) -> int:
+        return self.head_dim // 2
+
+    @property
+    def mlp_layer_types(self) -> tuple[str, ...]:
+        return ("dense",) * self.dense_layers + ("sparse",) * (self.layers - self.dense_layers)
+
+    @property
+    def kv_values_per_token(self) -> int:
+        return 2 * self.layers * self.heads * self.head_dim
+
+
+LM = LMConfig()
+
+# Prompt text after the image slots. The vendor's default OCR prompt,
+# "\n<|grounding|>Convert the document to markdown.", is a handful of tokens; the tokenizer is
+# not available here, so 10 is an estimate (newline, <|grounding|>, about 7 word pieces, the
+# period). Pass --text-tokens for an exact prompt.
+DEFAULT_TEXT_TOKENS = 10
+# Generated tokens when none are given: a round figure for one page of markdown
+# (dense pages run to 1,000-2,000+). Pass --output-tokens.
+DEFAULT_OUTPUT_TOKENS = 1000

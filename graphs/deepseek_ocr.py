@@ -1,7 +1,10 @@
 """DeepSeek-OCR graphs: the global branch, the crop branch (run w_crop*h_crop times) and
-the token assembly, for crop mode (sizes symbolic) and for the native modes.
+the token assembly, for crop mode (sizes symbolic) and for the native modes; then the
+language model (prefill over the prompt, decode summed over the generated tokens).
 
 One symbolic graph per structure, built once and cached; a mode is a substitution.
+Scopes: `vision`, `vision.global`, `vision.crops`, `decoder`, `decoder.prefill`,
+`decoder.decode`, and `e2e` (= vision + decoder: reading a page end to end).
 """
 from __future__ import annotations
 
@@ -11,18 +14,41 @@ import sympy as sp
 
 from costgraph import symbols as S
 from costgraph.graph import CostGraph
-from . import vision
+from . import decoder, vision
 from costgraph.evaluate import substitute
-from .config import MAX_CROPS, VISION, Mode
+from costgraph.graph import Tensor
+from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, LM, MAX_CROPS, VISION, LMConfig, Mode
+from .decoder import VENDOR, Variants
 from .layout import Layout, crops_run, layout_for, layout_for_grid, tokens_for
 
 SCOPES = ("vision", "vision.global", "vision.crops")
+DECODER_SCOPES = ("decoder", "decoder.prefill", "decoder.decode")
+E2E = "e2e"
+# Scopes that are sums of graph scopes rather than subgraphs of their own.
+COMPOSITE = {E2E: ("vision", "decoder")}
+# What a report of `e2e` breaks it into.
+E2E_PARTS = ("vision", "decoder.prefill", "decoder.decode")
 
 
 @lru_cache(maxsize=None)
 def vision_graph(crop_mode: bool = True) -> CostGraph:
     """Crop mode: global view at base_size + crops at image_size. Native: one view at image_size."""
     g = CostGraph("deepseek-ocr.vision", params={"crop_mode": crop_mode})
+    _add_vision(g, crop_mode)
+    return g
+
+
+@lru_cache(maxsize=None)
+def model_graph(crop_mode: bool = True, variants: Variants = VENDOR, cfg: LMConfig = LM) -> CostGraph:
+    """The whole model in one graph: vision, then the language model fed with its image slots."""
+    g = CostGraph("deepseek-ocr", params={"crop_mode": crop_mode, **variants.as_dict()})
+    image = _add_vision(g, crop_mode)
+    decoder.build(g, cfg, variants, crop_mode=crop_mode, image=image)
+    return g
+
+
+def _add_vision(g: CostGraph, crop_mode: bool) -> Tensor:
+    """The vision scopes; returns the image slots (the assembled sequence)."""
     g.scope("vision", doc="DeepEncoder: every view, then token assembly")
     side = S.base_size if crop_mode else S.image_size
     out_global = vision.view(g.scope("vision.global", doc="the global view, batch 1"), side)
@@ -31,11 +57,10 @@ def vision_graph(crop_mode: bool = True) -> CostGraph:
         crops = g.scope("vision.crops", multiplicity=S.w_crop * S.h_crop * crops_run(),
                         doc="one batch of w_crop*h_crop crop views (none for the 1x1 layout)")
         out_crop = vision.view(crops, S.image_size)
-    _assemble(g.builder("vision"), out_global, side, out_crop)
-    return g
+    return _assemble(g.builder("vision"), out_global, side, out_crop)
 
 
-def _assemble(a, out_global, side, out_crop) -> None:
+def _assemble(a, out_global, side, out_crop) -> Tensor:
     """Image slots: [crop grid rows + newlines], global grid rows + newlines, separator."""
     width = VISION.projector_out
     newline = a.input("assemble.image_newline", (width,))
@@ -53,7 +78,7 @@ def _assemble(a, out_global, side, out_crop) -> None:
     grid = a.op("assemble.global_newlines", "cat", grid, nl, dim=1)
     parts.append(a.op("assemble.global_flatten", "flatten", grid, shape=(nb * (nb + 1), width)))
     parts.append(a.input("assemble.view_seperator", (1, width)))
-    a.op("assemble.sequence", "cat", *parts, dim=0)
+    return a.op("assemble.sequence", "cat", *parts, dim=0)
 
 
 def mode_values(mode: Mode) -> dict[sp.Symbol, int]:
@@ -66,15 +91,31 @@ def layout_values(layout: Layout) -> dict[sp.Symbol, int]:
     return {S.w_crop: layout.w_crop, S.h_crop: layout.h_crop}
 
 
-def graph_for(mode: Mode) -> CostGraph:
-    return vision_graph(mode.crop_mode)
+def sequence_values(text_tokens: int = DEFAULT_TEXT_TOKENS, output_tokens: int = DEFAULT_OUTPUT_TOKENS
+                    ) -> dict[sp.Symbol, int]:
+    """The substitution for the language model's sequence symbols, checked.
+
+    output_tokens >= 1: the prefill itself yields the first token, so a generation has at least
+    one; the prompt alone is the scope `decoder.prefill`. text_tokens >= 0.
+    """
+    for name, v, lo in (("text_tokens", text_tokens, 0), ("output_tokens", output_tokens, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            why = " (the prefill yields the first token; for the prompt alone use the scope decoder.prefill)" \
+                if name == "output_tokens" else ""
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}{why}")
+    return {S.text_tokens: text_tokens, S.output_tokens: output_tokens}
+
+
+def graph_for(mode: Mode, variants: Variants = VENDOR) -> CostGraph:
+    return model_graph(mode.crop_mode, variants)
 
 
 # ---- the model-level API the CLI, verifier and benchmarks use ---------------------------
 
 FORMULA_NOTE = ("FLOPs in torch's convention (2 per multiply-add), matmul-class ops only. "
                 "The crop branch runs w_crop*h_crop times; the layout 1x1 (a page within 640x640) "
-                "means no crops, hence the Piecewise factor.")
+                "means no crops, hence the Piecewise factor. The prompt is 1 + text_tokens + image "
+                "tokens; decode sums forwards t = 1..output_tokens-1 over a context of prompt + t.")
 
 
 def get_mode(name: str) -> Mode:
@@ -83,10 +124,10 @@ def get_mode(name: str) -> Mode:
     return _get(name)
 
 
-def scopes_for(mode: Mode | None) -> tuple[str, ...]:
-    if mode is not None and not mode.crop_mode:
-        return ("vision", "vision.global")
-    return SCOPES
+def scopes_for(mode: Mode | None, lm: bool = True) -> tuple[str, ...]:
+    """The scopes of a mode: vision's, then (with `lm`) the language model's and `e2e`."""
+    vision_scopes = ("vision", "vision.global") if mode is not None and not mode.crop_mode else SCOPES
+    return vision_scopes + (DECODER_SCOPES + (E2E,) if lm else ())
 
 
 def layout_for_image(path: str, mode: Mode, max_num: int = MAX_CROPS) -> Layout:
@@ -102,13 +143,33 @@ def layout_record(layout: Layout, mode: Mode) -> dict:
 
 
 @lru_cache(maxsize=None)
-def formula(mode: Mode | None, scope: str, metric: str) -> sp.Expr:
-    """Closed form of `metric` over `scope`: all symbolic without a mode, the mode's sizes substituted with one."""
-    g = vision_graph(True if mode is None else mode.crop_mode)
+def formula(mode: Mode | None, scope: str, metric: str, variants: Variants = VENDOR) -> sp.Expr:
+    """Closed form of `metric` over `scope`: all symbolic without a mode, the mode's sizes substituted with one.
+
+    Language-model scopes keep text_tokens (and, for decode, output_tokens) symbolic; `variants`
+    chooses the attention implementation, the lm_head positions and the RoPE table computation.
+    """
+    if scope in COMPOSITE:
+        return sp.expand(sum(formula(mode, s, metric, variants) for s in COMPOSITE[scope]))
+    crop_mode = True if mode is None else mode.crop_mode
+    g = vision_graph(crop_mode) if scope in SCOPES else model_graph(crop_mode, variants)
+    if scope not in g.scopes:
+        raise ValueError(f"unknown scope {scope!r} (choose from {', '.join(scopes_for(mode))})")
     expr = g.total(scope)[metric]
     return expr.subs(mode_values(mode)) if mode is not None else expr
 
 
-def layout_totals(mode: Mode, layout: Layout, scopes, metrics) -> dict[str, dict[str, int]]:
-    values = layout_values(layout)
-    return {s: {m: substitute(formula(mode, s, m), values) for m in metrics} for s in scopes}
+def layout_totals(mode: Mode, layout: Layout, scopes, metrics, *, text_tokens: int = DEFAULT_TEXT_TOKENS,
+                  output_tokens: int = DEFAULT_OUTPUT_TOKENS, variants: Variants = VENDOR
+                  ) -> dict[str, dict[str, int]]:
+    values = {**layout_values(layout), **sequence_values(text_tokens, output_tokens)}
+    return {s: {m: substitute(formula(mode, s, m, variants), values) for m in metrics} for s in scopes}
+
+
+def sequence_record(mode: Mode, layout: Layout, text_tokens: int = DEFAULT_TEXT_TOKENS,
+                    output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> dict:
+    """What the language model runs for a page: prompt length and generated tokens."""
+    sequence_values(text_tokens, output_tokens)
+    prompt = 1 + text_tokens + tokens_for(layout, mode)["total"]
+    return {"text_tokens": text_tokens, "output_tokens": output_tokens, "prompt_tokens": prompt,
+            "decode_forwards": output_tokens - 1, "final_context": prompt + output_tokens - 1}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
+import numpy as np
 import sympy as sp
 
 from costgraph import symbols as S
@@ -31,16 +33,31 @@ def candidate_grids(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
-def closest_grid(width: int, height: int, tile: int, grids: list[tuple[int, int]]) -> tuple[int, int]:
-    aspect = width / height
-    best_diff, best = float("inf"), (1, 1)
+def closest_grids(widths, heights, tile: int, grids: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The vendor's walk over the candidates, for arrays of page sizes at once.
+
+    Same float arithmetic as the vendor's scalar loop (`W / H` and `i / j` are IEEE
+    divisions of exact integers, numpy and Python alike). The tie test
+    `W*H > 0.5*tile*tile*i*j` is exact in integers as `2*W*H > tile*tile*i*j`: the vendor's
+    right side is an exact float (a small integer times 0.5) and Python compares int with
+    float exactly.
+    """
+    w = np.asarray(widths, dtype=np.int64)
+    h = np.asarray(heights, dtype=np.int64)
+    aspect = w / h
+    twice_area = 2 * w * h
+    best_diff = np.full(aspect.shape, np.inf)
+    best_i = np.ones(aspect.shape, dtype=np.int64)
+    best_j = np.ones(aspect.shape, dtype=np.int64)
     for i, j in grids:
-        diff = abs(aspect - i / j)
-        if diff < best_diff:
-            best_diff, best = diff, (i, j)
-        elif diff == best_diff and width * height > 0.5 * tile * tile * i * j:
-            best = (i, j)  # ties go to the later grid for large pages; best_diff stays
-    return best
+        diff = np.abs(aspect - i / j)
+        better = diff < best_diff
+        # ties go to the later grid for large pages; best_diff stays
+        take = better | ((diff == best_diff) & (twice_area > tile * tile * i * j))
+        best_i = np.where(take, i, best_i)
+        best_j = np.where(take, j, best_j)
+        best_diff = np.where(better, diff, best_diff)
+    return best_i, best_j
 
 
 @dataclass(frozen=True)
@@ -64,14 +81,36 @@ def check_size(width, height) -> None:
         raise ValueError(f"image size must be positive integers, got {width}x{height}")
 
 
-def layout_for(width: int, height: int, mode: Mode, min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> Layout:
-    check_page(width, height, mode)
+class Layouts(NamedTuple):
+    """Layouts of many pages as arrays (the vectorised `Layout`)."""
+    width: np.ndarray
+    height: np.ndarray
+    w_crop: np.ndarray
+    h_crop: np.ndarray
+    tiled: np.ndarray  # bool
+
+    @property
+    def num_crops(self) -> np.ndarray:
+        return np.where(self.tiled, self.w_crop * self.h_crop, 0)
+
+
+def layouts_for(widths, heights, mode: Mode, min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> Layouts:
+    """`dynamic_preprocess`'s grid choice for arrays of page sizes: the one implementation of the rule."""
+    w = np.asarray(widths, dtype=np.int64).ravel()
+    h = np.asarray(heights, dtype=np.int64).ravel()
+    check_pages(w, h, mode)
     if not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
-    if not mode.crop_mode or (width <= NO_CROP_THRESHOLD and height <= NO_CROP_THRESHOLD):
-        return Layout(width, height, 1, 1, False)
-    i, j = closest_grid(width, height, mode.image_size, candidate_grids(min_num, max_num))
-    return Layout(width, height, i, j, True)
+    tiled = np.zeros(w.shape, dtype=bool) if not mode.crop_mode else \
+        ~((w <= NO_CROP_THRESHOLD) & (h <= NO_CROP_THRESHOLD))
+    i, j = closest_grids(w, h, mode.image_size, candidate_grids(min_num, max_num))
+    return Layouts(w, h, np.where(tiled, i, 1), np.where(tiled, j, 1), tiled)
+
+
+def layout_for(width: int, height: int, mode: Mode, min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> Layout:
+    check_size(width, height)
+    lay = layouts_for([width], [height], mode, min_num, max_num)
+    return Layout(width, height, int(lay.w_crop[0]), int(lay.h_crop[0]), bool(lay.tiled[0]))
 
 
 def layout_for_grid(w_crop: int, h_crop: int, mode: Mode) -> Layout:
@@ -132,20 +171,42 @@ def tokens_for(layout: Layout, mode: Mode) -> dict[str, int]:
     return {k: int(v) for k, v in image_tokens(mode, layout.w_crop, layout.h_crop).items()}
 
 
+def padded_sizes(widths, heights, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Size of each page inside a `side` x `side` view padded with aspect kept (Pillow's ImageOps.pad).
+
+    `np.rint` rounds half to even like Python's `round`, on the same float products.
+    """
+    w = np.asarray(widths, dtype=np.int64)
+    h = np.asarray(heights, dtype=np.int64)
+    square = w == h
+    pw = np.where(square | (w > h), side, np.rint(w / h * side).astype(np.int64))
+    ph = np.where(square | (w < h), side, np.rint(h / w * side).astype(np.int64))
+    return pw, ph
+
+
 def padded_size(width: int, height: int, side: int) -> tuple[int, int]:
-    """Size of the page inside a `side` x `side` view padded with aspect kept (Pillow's ImageOps.pad)."""
-    if width * side == height * side or width == height:
-        return side, side
-    if width > height:
-        return side, round(height / width * side)
-    return round(width / height * side), side
+    pw, ph = padded_sizes([width], [height], side)
+    return int(pw[0]), int(ph[0])
+
+
+def check_pages(widths, heights, mode: Mode) -> None:
+    """Pages the vendor preprocessing cannot handle are refused up front, with the reason."""
+    w = np.asarray(widths, dtype=np.int64)
+    h = np.asarray(heights, dtype=np.int64)
+    bad = (w <= 0) | (h <= 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(f"image size must be positive integers, got {w[k]}x{h[k]}")
+    if mode.crop_mode or mode.name in ("base", "large"):
+        pw, ph = padded_sizes(w, h, mode.base_size)
+        bad = (pw == 0) | (ph == 0)
+        if bad.any():
+            k, n = int(np.argmax(bad)), int(bad.sum())
+            more = f" ({n - 1} more such pages)" if n > 1 else ""
+            raise ValueError(f"page {w[k]}x{h[k]} is too elongated: its {mode.base_size}x{mode.base_size} "
+                             f"padded view would be {pw[k]}x{ph[k]} pixels{more}")
 
 
 def check_page(width: int, height: int, mode: Mode) -> None:
-    """Pages the vendor preprocessing cannot handle are refused up front, with the reason."""
     check_size(width, height)
-    if mode.crop_mode or mode.name in ("base", "large"):
-        pw, ph = padded_size(width, height, mode.base_size)
-        if pw == 0 or ph == 0:
-            raise ValueError(f"page {width}x{height} is too elongated: its {mode.base_size}x{mode.base_size} "
-                             f"padded view would be {pw}x{ph} pixels")
+    check_pages([width], [height], mode)

@@ -5,8 +5,12 @@ SAM: `DeepseekOcr2SamVisionEncoder` with compressor channels [512, 1024] and SDP
 CLIP-L: `CLIPEncoder`, fed with class token + SAM tokens + position table after the
 pre-LayerNorm (CLIP's own conv patch embedding is loaded by the vendor but never runs).
 Projector: `nn.Linear(2048, 1280)`. Widths and depths come from `graphs.config`.
+Page level (`DeepSeekOCRVision`): the crop batch, the global view, and the newline/separator
+assembly of the image slots.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -95,4 +99,64 @@ def build_deep_encoder(device: str = "meta", dtype=torch.float32, seed: int = 0)
     torch.manual_seed(seed)
     with torch.device(device):
         model = DeepEncoder().to(dtype)
+    return model.eval()
+
+
+def _encode(scope: str, model: "DeepSeekOCRVision", views: torch.Tensor) -> torch.Tensor:
+    return model.encoder(views)
+
+
+class DeepSeekOCRVision(nn.Module):
+    """The views the vendor runs for one page, then the image slots of the prompt (SPEC section 3).
+
+    One batch of `w_crop*h_crop` crops (none when the page is not tiled), then the global view
+    (batch 1), then the assembly: the crop tiles stitched row-major into one grid with an
+    `image_newline` after every stitched row, the global grid with a newline after every row,
+    and one `view_seperator` (the vendor's spelling). Returns (slots, projector_out).
+
+    `encode(scope, model, views)` runs the encoder on one batch; the profiler passes its own
+    to label the batches ("vision.crops", "vision.global"). The order is the vendor's.
+    """
+
+    def __init__(self, cfg: VisionConfig = VISION):
+        super().__init__()
+        self.encoder = DeepEncoder(cfg)
+        self.image_newline = nn.Parameter(torch.randn(cfg.projector_out))
+        self.view_seperator = nn.Parameter(torch.randn(cfg.projector_out))
+
+    def forward(self, global_view: torch.Tensor, crops: torch.Tensor | None = None,
+                grid: tuple[int, int] = (1, 1), encode=_encode) -> torch.Tensor:
+        crop_features = encode("vision.crops", self, crops) if crops is not None else None
+        global_features = encode("vision.global", self, global_view)
+        return self.assemble(global_features, crop_features, grid)
+
+    def assemble(self, global_features: torch.Tensor, crop_features: torch.Tensor | None,
+                 grid: tuple[int, int]) -> torch.Tensor:
+        parts = []
+        if crop_features is not None:
+            w, h = grid
+            tiles, n2, d = crop_features.shape
+            n = math.isqrt(n2)
+            if tiles != w * h or n * n != n2:
+                raise ValueError(f"{tiles} crop views of {n2} tokens do not tile a {w}x{h} grid")
+            # tile k sits at row k // w, column k % w: (h, w, n, n, d) -> (h*n, w*n, d)
+            stitched = crop_features.view(h, w, n, n, d).permute(0, 2, 1, 3, 4).reshape(h * n, w * n, d)
+            parts.append(self._with_newlines(stitched))
+        _, n2, d = global_features.shape
+        n = math.isqrt(n2)
+        parts.append(self._with_newlines(global_features.view(n, n, d)))
+        parts.append(self.view_seperator[None, :])
+        return torch.cat(parts, dim=0)
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        rows, _, d = grid.shape
+        newline = self.image_newline[None, None, :].expand(rows, 1, d)
+        return torch.cat([grid, newline], dim=1).reshape(-1, d)
+
+
+def build_page_reference(device: str = "meta", dtype=torch.float32, seed: int = 0) -> DeepSeekOCRVision:
+    """The page-level reference with random weights (`meta`: shapes only, no storage)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DeepSeekOCRVision().to(dtype)
     return model.eval()

@@ -1,0 +1,194 @@
+"""Closed forms: each simplified form equals the general one wherever its assumptions hold
+(exhaustively over grids and sequence lengths for every mode, and over sampled symbolic sizes),
+differs where they do not, and renders as LaTeX that parses."""
+import io
+import itertools
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import sympy as sp  # noqa: E402
+
+from costgraph import forms, symbols as S  # noqa: E402
+from costgraph.cli import main  # noqa: E402
+from costgraph.cost import METRICS  # noqa: E402
+from costgraph.evaluate import Compiled, substitute  # noqa: E402
+from graphs import deepseek_ocr as model  # noqa: E402
+from graphs.config import MODES  # noqa: E402
+from graphs.layout import crops_run, layout_for_grid  # noqa: E402
+
+# every grid with w*h >= 2 up to 12 x 12 (beyond the layout's 9: the algebra must hold anyway),
+# crossed with prompt-text and output lengths
+GRIDS = [(w, h) for w in range(1, 13) for h in range(1, 13) if w * h >= 2]
+TEXT = (0, 7, 300)
+OUTPUT = (1, 2, 1000)
+
+
+def _points():
+    pts = list(itertools.product(GRIDS, TEXT, OUTPUT))
+    return {"w_crop": np.array([g[0] for g, _, _ in pts]), "h_crop": np.array([g[1] for g, _, _ in pts]),
+            "text_tokens": np.array([t for _, t, _ in pts]), "output_tokens": np.array([n for _, _, n in pts])}
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_acceptance_gundam_vision_latex_is_a_polynomial_with_assumptions(capsys):
+    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--metric", "flops", "--scope", "vision", "--latex")
+    formula, *comments = out.splitlines()
+    assert code == 0
+    assert formula.startswith(r"\mathrm{flops}^{\mathrm{gundam}}_{\mathrm{vision}} = 1\,139\,967\,033\,344 + "
+                              r"388\,149\,837\,824\, w_{\mathrm{crop}} h_{\mathrm{crop}}")
+    assert r"\text{for } w_{\mathrm{crop}} h_{\mathrm{crop}} \geq 2" in formula
+    assert not any(k in formula for k in (r"\lceil", r"\lfloor", "cases", r"\mathbb{1}"))
+    assert any(c.startswith("% assumption: w_crop*h_crop >= 2") for c in comments)
+    assert "% otherwise, no-crop layout 1x1 (page within 640x640): 1139967033344" in comments
+    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--scope", "vision", "--json")
+    data = json.loads(out)
+    assert data["form"] == "simplified" and data["polynomial"] and set(data["symbols"]) == {"w_crop", "h_crop"}
+    assert [a["name"] for a in data["assumptions"]] == ["tiled"]
+
+
+def test_gundam_vision_coefficients_are_the_global_view_and_one_crop():
+    gundam = MODES["gundam"]
+    terms = forms.build("coefficients", "gundam", "vision", "flops").terms()
+    assert [(t.name, t.monomial) for t in terms] == [("constant", 1), ("per crop", S.w_crop * S.h_crop)]
+    one = model.layout_totals(gundam, layout_for_grid(1, 2, gundam), ["vision.global", "vision.crops"], ["flops"])
+    assert terms[0].coefficient == one["vision.global"]["flops"] == 1139967033344
+    assert terms[1].coefficient * 2 == one["vision.crops"]["flops"]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_simplified_equals_general_on_every_grid_and_length(mode):
+    m = MODES[mode]
+    pts = _points()
+    general, simplified, no_crop = {}, {}, {}
+    for scope in model.scopes_for(m):
+        for metric in METRICS:
+            g = forms.build("general", mode, scope, metric)
+            s = forms.build("simplified", mode, scope, metric)
+            c = forms.build("coefficients", mode, scope, metric)
+            assert s.is_polynomial and c.expr == s.expr
+            assert not s.expr.has(sp.Piecewise, sp.floor, sp.ceiling)
+            general[f"{scope}:{metric}"] = g.expr
+            simplified[f"{scope}:{metric}"] = s.expr
+            # the excluded case is printed with its own value, which is the general one at 1x1
+            for case, value in s.otherwise:
+                no_crop[f"{scope}:{metric}"] = value
+    ev_g = Compiled(general)(**pts)
+    ev_s = Compiled(simplified)(**pts)
+    for k in general:
+        assert np.array_equal(ev_g[k], ev_s[k]), k
+        assert np.any(ev_g[k] != 0) or "crops" in k and not m.crop_mode, k
+    one = {k: v for k, v in pts.items()}
+    one.update(w_crop=np.ones_like(pts["w_crop"]), h_crop=np.ones_like(pts["h_crop"]))
+    if m.crop_mode:
+        # the scopes that see the crop indicator get a no-crop value (vision.global does not)
+        assert set(no_crop) == {k for k, e in general.items() if e.has(crops_run())} >= {"vision:flops", "e2e:flops"}
+        at_one_g, at_one_nc = Compiled(general)(**one), Compiled(no_crop)(**one)
+        at_one_s = Compiled(simplified)(**one)
+        for k in no_crop:
+            assert np.array_equal(at_one_g[k], at_one_nc[k]), k
+        # and the simplified form alone would be wrong there: the assumption matters
+        assert not np.array_equal(at_one_g["vision:flops"], at_one_s["vision:flops"])
+    # exact (sympy) spot checks beside the compiled ones
+    values = {S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.output_tokens: 1000}
+    for k in general:
+        assert substitute(general[k], values) == substitute(simplified[k], values), k
+
+
+def _symbolic_points(multiple, ks=(1, 2), patches=(1, 2, 16), ratios=(1, 2, 4)):
+    """Sizes that satisfy 'multiple of multiple*patch_size' for sampled patch sizes and ratios."""
+    rows = []
+    for p, r, kb, kc, (w, h), t, n in itertools.product(patches, ratios, ks, ks, [(1, 2), (2, 3), (3, 3), (9, 1)],
+                                                       (0, 9), (1, 50)):
+        step = int(sp.sympify(multiple).subs({S.patch_size: p, S.downsample_ratio: r})) * p
+        rows.append((step * kb, step * kc, p, r, w, h, t, n))
+    names = ["base_size", "image_size", "patch_size", "downsample_ratio", "w_crop", "h_crop", "text_tokens",
+             "output_tokens"]
+    return {nm: np.array(col) for nm, col in zip(names, zip(*rows))}
+
+
+@pytest.mark.parametrize("scope", model.scopes_for(None))
+def test_symbolic_simplified_equals_general_where_sizes_are_aligned(scope):
+    for metric in METRICS:
+        g = forms.build("general", None, scope, metric)
+        s = forms.build("simplified", None, scope, metric)
+        assert s.is_polynomial and not s.expr.has(sp.floor, sp.ceiling, sp.Piecewise)
+        multiple = forms.grid_multiple(g.expr)
+        tiled = ["tiled"] if g.expr.has(crops_run()) else []
+        assert [a.name for a in s.assumptions] == tiled + [f"aligned-{multiple}"]
+        pts = _symbolic_points(multiple)
+        ev = Compiled({"g": g.expr, "s": s.expr})(**{k: v for k, v in pts.items()})
+        assert np.array_equal(ev["g"], ev["s"]) and np.any(ev["g"] > 0)  # decode is 0 for one output token
+        exact = {S.BY_NAME[k]: int(v[5]) for k, v in pts.items()}
+        assert substitute(g.expr, exact) == substitute(s.expr, exact)
+
+
+def test_grid_multiple_is_derived_from_the_floors_and_ceilings():
+    assert forms.grid_multiple(model.formula(None, "vision", "flops")) == 28       # lcm(window 14, 2, 4)
+    assert forms.grid_multiple(model.formula(None, "decoder.prefill", "flops")) == S.downsample_ratio
+    assert forms.grid_multiple(model.formula(None, "e2e", "flops")) == 28 * S.downsample_ratio
+    assert forms.grid_multiple(model.formula(MODES["gundam"], "vision", "flops")) is None
+
+
+def test_assumption_violated_gives_a_different_value():
+    """At the released gundam sizes (1024, 640: not multiples of 28*16) the fully simplified vision form is wrong,
+    and the form that assumes multiples of 64 only (window ceilings kept) is right."""
+    g = forms.build("general", None, "vision", "flops").expr
+    full = forms.build("simplified", None, "vision", "flops").expr
+    kept = forms.build("simplified", None, "vision", "flops", 4)
+    assert kept.expr.has(sp.ceiling) and "holds for gundam, gundam-m" in kept.assumptions[1].words
+    values = {S.base_size: 1024, S.image_size: 640, S.patch_size: 16, S.w_crop: 2, S.h_crop: 3}
+    assert substitute(kept.expr, values) == substitute(g, values) == 1139967033344 + 6 * 388149837824
+    assert substitute(full, values) != substitute(g, values)
+
+
+def test_term_names():
+    w, h, t, n = S.w_crop, S.h_crop, S.text_tokens, S.output_tokens
+    assert forms.term_name({}) == "constant"
+    assert forms.term_name({w: 1, h: 1}) == "per crop"
+    assert forms.term_name({h: 1}) == "per crop row"
+    assert forms.term_name({w: 1}) == "per crop column"
+    assert forms.term_name({w: 2, h: 2}) == "per crop^2"
+    assert forms.term_name({w: 1, h: 2, t: 1}) == "per crop x crop row x text token"
+    assert forms.term_name({n: 2}) == "per output token^2"
+
+
+@pytest.mark.parametrize("kind, mode, scope", [
+    ("general", None, "vision"), ("simplified", None, "vision"), ("simplified", "gundam", "e2e"),
+    ("general", "gundam", "e2e"), ("simplified", None, "decoder.decode"), ("simplified", "tiny", "vision"),
+])
+def test_latex_parses(kind, mode, scope):
+    """matplotlib's mathtext parser (a LaTeX subset) accepts the formula: no unbalanced braces, known commands."""
+    tex = forms.build(kind, mode, scope, "flops").latex()
+    fig = plt.figure()
+    fig.text(0, 0, f"${tex}$")
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)
+    if kind == "general" and mode is None:
+        assert r"\left\lceil" in tex and r"\left\lfloor" in tex and r"\mathbb{1}[w_{\mathrm{crop}}" in tex
+
+
+def test_coefficients_latex_names_each_term(capsys):
+    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--scope", "e2e", "--form", "coefficients", "--latex")
+    assert code == 0 and out.startswith(r"\begin{aligned}")
+    assert r"&& \text{per crop}" in out and r"\text{per crop$^{2}$}" in out and r"\end{aligned}" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["formula", "--form", "coefficients"],                       # numbers need a mode
+    ["formula", "--mode", "gundam", "--grid-multiple", "4"],     # a mode's sizes are numbers already
+    ["formula", "--grid-multiple", "0"],
+    ["formula", "--form", "closed"],
+])
+def test_bad_form_arguments_exit_2(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1

@@ -1,0 +1,93 @@
+"""The per-mode table: rows equal `costgraph cost`, and the three formats carry the same numbers."""
+import csv
+import io
+import json
+
+import pytest
+
+from costgraph import tables
+from costgraph.cli import main
+from costgraph.cost import METRICS
+from graphs import deepseek_ocr as model
+from graphs.config import MODES
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_default_rows_tokens_and_views():
+    rows = tables.build_rows(tables.parse_rows(tables.DEFAULT_ROWS))
+    assert [(r.mode, r.grid) for r in rows] == [("tiny", "-"), ("small", "-"), ("base", "-"), ("large", "-"),
+                                                ("gundam", "2x2"), ("gundam", "2x3"), ("gundam", "3x3"),
+                                                ("gundam", "4x2")]
+    assert [r.image_tokens for r in rows] == [73, 111, 273, 421, 693, 903, 1203, 1093]
+    assert [r.paper_tokens for r in rows] == [64, 100, 256, 400, 656, 856, 1156, 1056]
+    assert [r.views for r in rows] == ["1x512", "1x640", "1x1024", "1x1280", "1x1024 + 4x640", "1x1024 + 6x640",
+                                       "1x1024 + 9x640", "1x1024 + 8x640"]
+    assert tables.scopes_of(rows) == list(model.scopes_for(MODES["gundam"]))
+
+
+def test_csv_equals_cost_command(capsys):
+    code, out, _ = run(capsys, "table", "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 8
+    for r in rows:
+        argv = ["cost", "--mode", r["mode"], "--json"] + (["--grid", r["grid"]] if r["grid"] != "-" else
+                                                         ["--size", "800x600"])
+        code, text, _ = run(capsys, *argv)
+        cost = json.loads(text)
+        assert int(r["image_tokens"]) == cost["layout"]["image_tokens"]
+        for scope, ms in cost["totals"].items():
+            for m, v in ms.items():
+                assert int(r[f"{scope}:{m}"]) == v
+        if r["mode"] != "gundam":
+            assert r["vision.crops:flops"] == ""  # native modes have no crop scope
+
+
+def test_markdown_shows_scaled_values(capsys):
+    code, out, _ = run(capsys, "table", "--rows", "base,gundam:2x3", "--metric", "flops")
+    assert code == 0
+    rows = tables.build_rows([("gundam", (2, 3))])
+    e2e = rows[0].totals["e2e"]["flops"]
+    line = next(l for l in out.splitlines() if l.startswith("| gundam | 2x3 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["gundam", "2x3", "1x1024 + 6x640", "903", "856"]
+    assert cells[-1] == f"{e2e / 1e9:,.1f}"
+    assert "**flops (x10^9) per page** (text_tokens=10, output_tokens=1000, attention=eager" in out
+    base = next(l for l in out.splitlines() if l.startswith("| base |"))
+    assert "| - |" in base  # no crop scope
+
+
+def test_latex_is_booktabs_with_escaped_names(capsys):
+    code, out, _ = run(capsys, "table", "--format", "latex", "--rows", "tiny,gundam:2x3")
+    assert code == 0
+    assert out.count(r"\begin{table}") == len(METRICS) and out.count(r"\toprule") == len(METRICS)
+    assert r"\midrule" in out and r"\bottomrule" in out and r"\end{tabular}" in out
+    assert r"\texttt{vision.global}" in out and r"\texttt{decoder.prefill}" in out
+    row = next(l for l in out.splitlines() if l.startswith("gundam"))
+    assert row.startswith(r"gundam & 2$\times$3 & 1$\times$1024 + 6$\times$640 & 903 & 856 & ")
+    assert row.endswith(r" \\") and row.count("&") == 4 + len(model.scopes_for(MODES["gundam"]))
+    tiny = next(l for l in out.splitlines() if l.startswith("tiny"))
+    assert " & -- & " in tiny
+
+
+def test_out_writes_the_file(capsys, tmp_path):
+    path = tmp_path / "t.csv"
+    code, out, _ = run(capsys, "table", "--format", "csv", "--out", str(path))
+    assert code == 0 and out.startswith("wrote ")
+    code2, direct, _ = run(capsys, "table", "--format", "csv")
+    assert path.read_text() == direct
+
+
+@pytest.mark.parametrize("argv", [
+    ["--rows", "gundam"], ["--rows", "huge"], ["--rows", "gundam:0x2"], ["--rows", "tiny:2x2"],
+    ["--rows", ","], ["--format", "html"], ["--metric", "joules"], ["--rows", "gundam:4x3"],
+    ["--out", "no/such/dir/t.md"], ["--output-tokens", "0"],
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv):
+    code, out, err = run(capsys, "table", *argv)
+    assert code == 2 and out == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1

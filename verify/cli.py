@@ -1,0 +1,161 @@
+"""`costgraph verify`: the graph against profiled runs of the reference, node by node.
+
+Exit code 0 only when every node matches exactly, 1 on any mismatch, 2 for bad input.
+The parser and handler live here; `costgraph.cli.build_parser` registers them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+EXIT_MISMATCH = 1
+
+
+def add_parser(sub) -> None:
+    from costgraph.cli import parse_size
+    from graphs.config import MAX_CROPS, MODES
+
+    q = sub.add_parser("verify", help="check the graph against profiled runs of the reference, node by node")
+    q.add_argument("--mode", default=None,
+                   help=f"one of {', '.join(MODES)} (default: gundam; with --all-grids: every mode)")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", metavar="PATH", help="a page image: real preprocessing (Pillow) and its layout")
+    g.add_argument("--size", type=parse_size, metavar="WxH", help="a page size: its layout")
+    g.add_argument("--grid", type=parse_size, metavar="AxB", help="a crop grid directly (1x1: no crops)")
+    g.add_argument("--all-grids", action="store_true",
+                   help="every crop grid the layout can produce plus no crops, and every native mode")
+    g.add_argument("--symbolic", action="store_true",
+                   help="torch's own sympy FLOPs (FakeTensorMode + ShapeEnv) against the graph's expressions")
+    q.add_argument("--device", default="meta", choices=["meta", "cpu"],
+                   help="meta: counts only (fast); cpu: a real forward with random weights")
+    q.add_argument("--scope", default="vision", help="what to verify: vision, decoder.prefill, decoder.decode, "
+                   "decoder, e2e (default: %(default)s)")
+    _add_lm_arguments(q)
+    q.add_argument("--max-num", type=int, default=MAX_CROPS, help="most crops (HF 9, vLLM 6)")
+    q.add_argument("--json", action="store_true", help="JSON on stdout")
+    q.add_argument("--report", metavar="FILE.md", help="also write a Markdown report (atomically)")
+    q.set_defaults(fn=cmd_verify)
+
+
+def _add_lm_arguments(q) -> None:
+    """Options of the language-model scopes (verify.lm_profile): the LM always runs on CPU."""
+    from graphs.config import DEFAULT_TEXT_TOKENS
+    from graphs.decoder import ATTENTION, LM_HEAD, ROPE
+
+    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="LM scopes: prompt text tokens")
+    q.add_argument("--decode-steps", type=int, default=3, help="LM scopes: decode forwards after the prefill")
+    q.add_argument("--attention", choices=list(ATTENTION), default="eager",
+                   help="LM scopes: only eager has a CPU reference")
+    q.add_argument("--lm-head", choices=list(LM_HEAD), default="all", help="LM scopes: prefill lm_head positions")
+    q.add_argument("--rope", choices=list(ROPE), default="vendor",
+                   help="LM scopes: vendor per-layer RoPE tables, or once per forward (transformers 5.x)")
+
+
+def _lm_extra(args) -> dict:
+    from costgraph.cli import UserError
+    from graphs.decoder import Variants
+
+    if args.decode_steps < 0 or args.text_tokens < 0:
+        raise UserError("--decode-steps and --text-tokens must be >= 0")
+    return {"text_tokens": args.text_tokens, "decode_steps": args.decode_steps,
+            "variants": Variants(attention=args.attention, lm_head=args.lm_head, rope=args.rope)}
+
+
+def _request(args):
+    from costgraph.cli import UserError
+    from graphs.config import MODES, get_mode
+    from .runner import Request
+
+    if args.mode is None:
+        modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
+    else:
+        modes = [get_mode(args.mode)]
+    if args.max_num < 2:
+        raise UserError(f"--max-num must be at least 2, got {args.max_num}")
+    if args.image and not os.path.isfile(args.image):
+        raise UserError(f"no such image file: {args.image}")
+    return Request(modes=modes, device=args.device, image=args.image, size=args.size, grid=args.grid,
+                   all_grids=args.all_grids, max_num=args.max_num, progress=sys.stderr.isatty(),
+                   extra=_lm_extra(args))
+
+
+def _command(args) -> str:
+    """The command line that reproduces this run (for the report)."""
+    parts = ["costgraph", "verify", "--scope", args.scope, "--device", args.device]
+    if args.mode:
+        parts += ["--mode", args.mode]
+    if args.all_grids:
+        parts.append("--all-grids")
+    for flag, v in (("--image", args.image), ("--size", args.size), ("--grid", args.grid)):
+        if v:
+            parts += [flag, v if isinstance(v, str) else f"{v[0]}x{v[1]}"]
+    if args.scope != "vision":
+        parts += ["--text-tokens", str(args.text_tokens), "--decode-steps", str(args.decode_steps),
+                  "--attention", args.attention, "--lm-head", args.lm_head, "--rope", args.rope]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def cmd_verify(args) -> int:
+    from costgraph.cli import UserError
+    from costgraph.io import write_atomic
+    from . import report
+    from .runner import VERIFIERS, peak_rss_mib
+    from . import lm_profile
+
+    lm_profile.register(VERIFIERS)  # decoder.prefill, decoder.decode, decoder, e2e
+
+    if args.scope not in VERIFIERS:
+        raise UserError(f"unknown scope {args.scope!r} (choose from {', '.join(VERIFIERS)})")
+    if args.report:  # refuse before any long run: nothing is written unless the run completes
+        folder = os.path.dirname(os.path.abspath(args.report))
+        if not os.path.isdir(folder):
+            raise UserError(f"report folder does not exist: {folder}")
+    if args.symbolic:
+        return _symbolic(args)
+    req = _request(args)
+    t = time.perf_counter()
+    comps = VERIFIERS[args.scope](req)
+    seconds = time.perf_counter() - t
+    run = {"seconds": round(seconds, 3), "device": args.device, "scope": args.scope}
+    if args.device == "cpu":
+        run["peak_rss_mib"] = peak_rss_mib()
+    footer = f"run time {seconds:.1f} s" + (f", peak RSS {run['peak_rss_mib']:,} MiB" if args.device == "cpu" else "")
+    if args.report:
+        write_atomic(args.report, report.markdown(comps, command=_command(args), footer=footer))
+    if args.json:
+        print(json.dumps(report.to_json(comps, {"run": run}), indent=1))
+    else:
+        print(report.text(comps, footer=footer))
+    return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
+
+
+def _symbolic(args) -> int:
+    from costgraph.io import write_atomic
+    from .symbolic import summary
+
+    if args.scope != "vision" or args.device != "meta" or args.mode:
+        raise ValueError("--symbolic checks the vision graph of gundam (crop batch) and one view (side); "
+                         "it takes no --mode, --device or --scope")
+    t = time.perf_counter()
+    out = summary(side=True)
+    out["seconds"] = round(time.perf_counter() - t, 1)
+    crop, side = out["crop_batch"], out["image_side"]
+    ok = crop["ok"] and side["expressions_agree"]
+    lines = [
+        f"crop batch: torch {crop['torch']} with {crop['batch_symbol']} -> w_crop*h_crop; ours {crop['ours']}",
+        f"  simplify(ours - torch's) = {crop['difference']}; {crop['nodes']} nodes, "
+        f"{len(crop['nodes_differing'])} differing; guards on the batch: {crop['guards'] or 'none'}",
+        f"image side: torch's expression {'equals' if side['expressions_agree'] else 'DIFFERS FROM'} ours on every "
+        f"grid g = side//16 >= 2 ({side['nodes']} nodes, {len(side['nodes_differing'])} differing)",
+        f"  but torch recorded {side['guards']} guards, pinning ones: {'; '.join(side['pinning_guards']) or 'none'}"
+        f" (int() in transformers' SAM get_rel_pos): a symbolic side is not a symbolic result",
+        f"{'PASS' if ok else 'FAIL'} ({out['seconds']} s)",
+    ]
+    text = "\n".join(lines)
+    if args.report:
+        write_atomic(args.report, "# costgraph verify --symbolic\n\n```\n" + text + "\n```\n")
+    print(json.dumps(out, indent=1) if args.json else text)
+    return 0 if ok else EXIT_MISMATCH
