@@ -17,6 +17,13 @@ class Cost:
     # Matmul-class FLOPs in torch's convention (2 per multiply-add): linear, conv,
     # bmm/matmul, einsum, attention scores and probabilities x values.
     flops: sp.Expr = ZERO
+    # Elementwise work under costgraph/conventions.py (norms, softmax, activations, adds, ...).
+    elementwise_flops: sp.Expr = ZERO
+    # Unfused traffic: every op reads its inputs and weights and writes its outputs (views: 0).
+    bytes_read: sp.Expr = ZERO
+    bytes_written: sp.Expr = ZERO
+    # Bytes of the node's output tensor (0 for a view): what the liveness pass keeps alive.
+    activation_bytes: sp.Expr = ZERO
 
     def __add__(self, other: "Cost") -> "Cost":
         if other == 0:  # lets sum() start from 0

@@ -17,12 +17,18 @@ import networkx as nx
 import sympy as sp
 
 from . import ops
+from . import symbols as S
 from .cost import METRICS, Cost
 
 
 class Tensor(NamedTuple):
     node: str
     shape: tuple
+    itemsize: sp.Expr = S.dtype_bytes  # bytes per element
+
+    @property
+    def spec(self) -> ops.Spec:
+        return ops.Spec(self.shape, self.itemsize)
 
 
 @dataclass(frozen=True)
@@ -63,13 +69,19 @@ class CostGraph:
         if node in self.g:
             raise ValueError(f"duplicate node {node!r}")
         inputs = list(inputs)
-        shape, cost = ops.apply(kind, [t.shape for t in inputs], attrs)
+        # The output's element size: `out_itemsize` if the node says (a cast, an fp32 router),
+        # else its first input's, else the storage dtype's.
+        formula_attrs = {k: v for k, v in attrs.items() if k not in ("out_itemsize", "itemsize")}
+        out_itemsize = sp.sympify(attrs.get("out_itemsize", inputs[0].itemsize if inputs else
+                                            attrs.get("itemsize", S.dtype_bytes)))
+        shape, cost = ops.apply(kind, [t.spec for t in inputs], formula_attrs)
         self.g.add_node(node, scope=scope, path=path, kind=kind, attrs=attrs,
-                        in_shapes=[t.shape for t in inputs], out_shape=shape, cost=cost)
+                        in_shapes=[t.shape for t in inputs], out_shape=shape, out_itemsize=out_itemsize,
+                        cost=cost)
         for t in inputs:
             self.g.add_edge(t.node, node)
         self.__dict__.pop("_children", None)
-        return Tensor(node, shape)
+        return Tensor(node, tuple(shape), out_itemsize)
 
     # ---- reading -----------------------------------------------------------------
     def nodes(self, scope: str | None = None) -> list[str]:
@@ -124,6 +136,7 @@ class CostGraph:
             n["cost"] = {m: str(e) for m, e in n["cost"].as_dict().items()}
             n["in_shapes"] = [[str(d) for d in s] for s in n["in_shapes"]]
             n["out_shape"] = [str(d) for d in n["out_shape"]]
+            n["out_itemsize"] = str(n["out_itemsize"])
             n["attrs"] = {k: str(v) for k, v in n["attrs"].items()}
         data["graph"] = {"name": self.name, "params": {k: str(v) for k, v in self.params.items()}}
         data["scopes"] = [
@@ -143,8 +156,9 @@ class ScopeBuilder:
     def __init__(self, graph: CostGraph, scope: str):
         self.graph, self.scope = graph, scope
 
-    def input(self, path: str, shape) -> Tensor:
-        return self.graph.add_node(self.scope, path, "input", [], shape=tuple(sp.sympify(d) for d in shape))
+    def input(self, path: str, shape, itemsize=S.dtype_bytes) -> Tensor:
+        return self.graph.add_node(self.scope, path, "input", [], shape=tuple(sp.sympify(d) for d in shape),
+                                   itemsize=itemsize)
 
     def op(self, path: str, kind: str, *inputs: Tensor, **attrs) -> Tensor:
         return self.graph.add_node(self.scope, path, kind, inputs, **attrs)

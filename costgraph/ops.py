@@ -13,7 +13,38 @@ import sympy as sp
 
 from .cost import Cost
 
-Shape = tuple  # of sympy expressions (or ints)
+from . import symbols as S
+
+
+class Spec(tuple):
+    """A symbolic shape that also knows its element size in bytes.
+
+    It is a tuple, so formulas index and unpack it like a shape; `itemsize` is what bytes
+    formulas read (the storage dtype `dtype_bytes` unless the graph says otherwise: fp32
+    router logits, int64 indices, ...).
+    """
+    itemsize: sp.Expr
+
+    def __new__(cls, shape, itemsize=S.dtype_bytes):
+        obj = super().__new__(cls, tuple(shape))
+        obj.itemsize = sp.sympify(itemsize)
+        return obj
+
+
+Shape = tuple  # of sympy expressions (or ints); op formulas receive `Spec`s
+
+
+def itemsize(x) -> sp.Expr:
+    return getattr(x, "itemsize", S.dtype_bytes)
+
+
+def numel(x) -> sp.Expr:
+    return prod(x)
+
+
+def nbytes(x) -> sp.Expr:
+    """Bytes of a tensor of this spec (its footprint: a broadcast input is given by its own shape)."""
+    return prod(x) * itemsize(x)
 OpFormula = Callable[..., tuple[Shape, Cost]]
 OPS: dict[str, OpFormula] = {}
 
@@ -143,8 +174,10 @@ def cat(*xs: Shape, dim: int):
 
 
 def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]:
+    """Run a formula. Inputs are `Spec`s (plain shapes get the storage itemsize)."""
     try:
         fn = OPS[kind]
     except KeyError:
         raise ValueError(f"no formula registered for op kind {kind!r}") from None
-    return fn(*inputs, **attrs)
+    specs = [x if isinstance(x, Spec) else Spec(x) for x in inputs]
+    return fn(*specs, **attrs)

@@ -21,10 +21,14 @@ output_tokens = sp.Symbol("output_tokens", **_int)  # generated tokens (first fr
 decode_step = sp.Symbol("t", **_int)                # decode forward index, 1..output_tokens-1
 context = sp.Symbol("context", **_int)              # attended length in one decode step
 
+# Storage: bytes per element of the activations and weights (bf16: 2, fp32: 4). Parts the
+# model keeps in fp32 whatever the storage dtype (router, softmax upcasts) use 4 directly.
+dtype_bytes = sp.Symbol("dtype_bytes", **_int)
+
 LAYOUT = (w_crop, h_crop)
 SIZES = (base_size, image_size)
 PATCH = (patch_size, downsample_ratio)
-ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens)
+ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens, dtype_bytes)
 BY_NAME = {s.name: s for s in ALL}
 
 # LaTeX names for papers: upright subscripts.
@@ -39,4 +43,5 @@ LATEX_NAMES = {
     output_tokens: r"N_{\mathrm{out}}",
     decode_step: r"t",
     context: r"C",
+    dtype_bytes: r"b",
 }

@@ -78,6 +78,10 @@ NORM_MEAN = NORM_STD = (0.5, 0.5, 0.5)
 
 VISION = VisionConfig()
 
+# Storage dtypes: bytes per element (the symbol `dtype_bytes`). bf16 is the vendor's.
+DTYPES = {"bf16": 2, "fp32": 4}
+DEFAULT_DTYPE = "bf16"
+
 
 def get_mode(name: str) -> Mode:
     try:

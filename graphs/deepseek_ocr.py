@@ -13,11 +13,11 @@ from functools import lru_cache
 import sympy as sp
 
 from costgraph import symbols as S
-from costgraph.graph import CostGraph
-from . import decoder, vision
 from costgraph.evaluate import substitute
-from costgraph.graph import Tensor
-from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, LM, MAX_CROPS, VISION, LMConfig, Mode
+from costgraph.graph import CostGraph, Tensor
+from . import decoder, vision
+from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, VISION,
+                     LMConfig, Mode)
 from .decoder import VENDOR, Variants
 from .layout import Layout, crops_run, layout_for, layout_for_grid, tokens_for
 
@@ -85,6 +85,12 @@ def mode_values(mode: Mode) -> dict[sp.Symbol, int]:
     """The substitution a mode makes: its sizes and the patch parameters."""
     return {S.base_size: mode.base_size, S.image_size: mode.image_size,
             S.patch_size: VISION.patch_size, S.downsample_ratio: VISION.downsample_ratio}
+
+
+def dtype_values(dtype: str = DEFAULT_DTYPE) -> dict[sp.Symbol, int]:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return {S.dtype_bytes: DTYPES[dtype]}
 
 
 def layout_values(layout: Layout) -> dict[sp.Symbol, int]:
@@ -160,9 +166,9 @@ def formula(mode: Mode | None, scope: str, metric: str, variants: Variants = VEN
 
 
 def layout_totals(mode: Mode, layout: Layout, scopes, metrics, *, text_tokens: int = DEFAULT_TEXT_TOKENS,
-                  output_tokens: int = DEFAULT_OUTPUT_TOKENS, variants: Variants = VENDOR
-                  ) -> dict[str, dict[str, int]]:
-    values = {**layout_values(layout), **sequence_values(text_tokens, output_tokens)}
+                  output_tokens: int = DEFAULT_OUTPUT_TOKENS, variants: Variants = VENDOR,
+                  dtype: str = DEFAULT_DTYPE) -> dict[str, dict[str, int]]:
+    values = {**layout_values(layout), **sequence_values(text_tokens, output_tokens), **dtype_values(dtype)}
     return {s: {m: substitute(formula(mode, s, m, variants), values) for m in metrics} for s in scopes}
 
 

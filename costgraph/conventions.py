@@ -1,0 +1,78 @@
+"""Counting conventions beyond matmul FLOPs: one table, used by the graph's formulas and by the
+dispatch-level profiler alike (`verify/dispatch.py`), so both count the same way.
+
+Elementwise FLOPs are counted per aten op as `FLOPS_PER_ELEMENT[op] x elements`, where the
+elements are the op's output (`OUT`) or its first input (`IN`, for reductions and fused
+normalisations). Matmul-class ops (mm, addmm, bmm, convolution, SDPA's products) are the
+`flops` metric and count 0 here, their bias add included, as in torch's flop counter.
+
+The choices (documented, not measured):
+- every arithmetic or transcendental elementwise op is 1 FLOP per output element
+  (add, mul, div, exp, rsqrt, pow, sigmoid, silu, gelu, ...): one op, one FLOP;
+- a reduction is 1 FLOP per input element (sum, mean, amax, topk's comparisons);
+- fused kernels are the sum of their parts: softmax 5 per element (max, subtract, exp, sum,
+  divide); layer_norm 7 (mean, centre, square, variance sum, normalise, scale, shift);
+- interpolation: 2 FLOPs (a multiply-add) per tap: linear 1-D 2 taps -> 4, bicubic 4x4 -> 32,
+  antialiased bicubic counted like plain bicubic per output element (its support widens when
+  it shrinks; the convention does not follow that);
+- data movement (copies, casts, padding, cat, gather/scatter, index, embedding lookup, arange,
+  fills) is 0 FLOPs: it is bytes only; index_add_ adds 1 per source element.
+- fused SDPA (CPU flash kernel): per score 1 (scale) + 1 (mask add, when a mask is given)
+  + 5 (softmax); its two products are the `flops` metric.
+
+Bytes: an op reads the memory footprint of every tensor argument and writes that of every
+output (an in-place op writes its mutated argument); views and aliases move nothing. The
+footprint of a tensor counts each distinct element once (a broadcast, stride-0 view of a
+vector is the vector).
+"""
+from __future__ import annotations
+
+OUT, IN = "out", "in"
+
+ONE_PER_OUT = (
+    "add", "sub", "mul", "div", "neg", "exp", "log", "rsqrt", "sqrt", "pow", "reciprocal", "sigmoid",
+    "tanh", "abs", "clamp", "clamp_min", "maximum", "minimum", "where", "masked_fill", "eq", "ne", "gt", "ge",
+    "lt", "le", "silu", "gelu", "erf", "cos", "sin", "add_", "mul_", "div_", "sub_", "masked_fill_",
+    "bitwise_not", "logical_not", "bitwise_and", "bitwise_or",
+)
+ONE_PER_IN = ("sum", "mean", "amax", "amin", "max", "min", "topk", "argmax", "var", "std", "any", "all")
+ZERO = (
+    "clone", "_to_copy", "copy_", "contiguous", "cat", "stack", "constant_pad_nd", "index", "index_select",
+    "gather", "scatter", "embedding", "arange", "fill_", "zero_", "zeros", "zeros_like", "empty", "empty_like",
+    "full", "ones", "ones_like", "new_zeros", "new_empty", "one_hot", "nonzero", "slice_scatter",
+    "masked_scatter", "index_put_", "repeat", "lift_fresh", "scalar_tensor", "_local_scalar_dense", "item",
+    "mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "_unsafe_view", "view", "permute",
+    "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice", "unbind", "split",
+    "split_with_sizes", "chunk", "alias", "detach", "as_strided", "reshape", "_reshape_alias",
+    "resize_", "set_",
+)
+
+FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
+    **{op: (1, OUT) for op in ONE_PER_OUT},
+    **{op: (1, IN) for op in ONE_PER_IN},
+    **{op: (0, OUT) for op in ZERO},
+    "_softmax": (5, IN),
+    "_safe_softmax": (5, IN),
+    "softmax": (5, IN),
+    "native_layer_norm": (7, IN),
+    "upsample_linear1d": (4, OUT),
+    "upsample_bicubic2d": (32, OUT),
+    "_upsample_bicubic2d_aa": (32, OUT),
+    "index_add_": (1, "source"),
+}
+
+# Per attention score inside a fused SDPA kernel (the CPU flash kernel).
+SDPA_SCALE, SDPA_MASK, SDPA_SOFTMAX = 1, 1, 5
+
+# Aten ops that return an alias of an input although their schema does not say so.
+ALIASING = ("_unsafe_view", "lift_fresh")
+
+
+def elementwise_flops(op: str, elements_out: int, elements_in: int, elements_source: int = 0) -> int:
+    """FLOPs of one aten op (by its packet name, e.g. 'add') under the table; unknown ops raise."""
+    try:
+        per, basis = FLOPS_PER_ELEMENT[op]
+    except KeyError:
+        raise KeyError(f"no elementwise convention for aten op {op!r}: add it to costgraph/conventions.py") from None
+    n = {OUT: elements_out, IN: elements_in, "source": elements_source}[basis]
+    return per * n
