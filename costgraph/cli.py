@@ -48,6 +48,54 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
+# ---- metrics beyond the per-scope Cost totals ---------------------------------------------
+
+# `--metrics` names a group; a group is some Cost fields summed per scope plus, for some, a
+# section of its own (params, peak activations, KV cache).
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "flops": ("flops",),
+    "elementwise_flops": ("elementwise_flops",),
+    "bytes": ("bytes_read", "bytes_written"),       # shown with their sum, `bytes`
+    "params": (),                                   # resident / executed / active (costgraph.params)
+    "activations": ("activation_bytes",),           # + peak per stage (costgraph.liveness)
+    "kv_cache": (),                                 # per token and at the final context
+}
+# Without --metrics, `cost` shows every Cost field per scope (activation_bytes included) and the
+# derived bytes; the groups below add nothing slower (no liveness pass, no parameter section).
+DEFAULT_GROUPS = ("flops", "elementwise_flops", "bytes")
+# `formula --metric`: every Cost field, and these derived metrics.
+EXTRA_FORMULA_METRICS = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes",
+                         "kv_cache_bytes")
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """'flops,bytes' or 'all' -> metric groups, in a fixed order; unknown names are a UserError."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not items:
+        raise UserError(f"no metrics in {text!r} (choose from {', '.join(METRIC_GROUPS)}, all)")
+    if "all" in items:
+        return tuple(METRIC_GROUPS)
+    bad = [t for t in items if t not in METRIC_GROUPS]
+    if bad:
+        raise UserError(f"unknown metric {bad[0]!r} (choose from {', '.join(METRIC_GROUPS)}, all)")
+    return tuple(g for g in METRIC_GROUPS if g in items)
+
+
+def parse_hardware(text: str | None, dtype: str) -> list:
+    """--hardware NAME[,NAME...] or all (presets; `this-machine` calibrates now)."""
+    from .hardware import PRESETS, get_hardware, names
+
+    if not text:
+        return []
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if "all" in items:
+        items = [i for i in items if i != "all"] + [n for n in PRESETS if n not in items]
+    bad = [t for t in items if t not in names()]
+    if bad or not items:
+        raise UserError(f"unknown hardware {(bad or [text])[0]!r} (choose from {', '.join(names())}, all)")
+    return [get_hardware(n, dtype) for n in dict.fromkeys(items)]
+
+
 # ---- commands ---------------------------------------------------------------------------
 
 def cmd_layout(args) -> int:
@@ -101,15 +149,24 @@ def _scopes_from_args(args, mode) -> tuple[str, ...]:
 def cmd_cost(args) -> int:
     from graphs import deepseek_ocr as model
 
+    # no --metrics: every sum of node costs (METRICS), as before issue 5, and no extra sections
+    groups = parse_metrics(args.metrics) if args.metrics is not None else DEFAULT_GROUPS
     mode = model.get_mode(args.mode)
     variants = _variants_from_args(args)
+    hardware = parse_hardware(args.hardware, args.dtype)
     layout = _layout_from_args(args, mode)
     scopes = _scopes_from_args(args, mode)
     sequence = model.sequence_record(mode, layout, args.text_tokens, args.output_tokens)
-    totals = model.layout_totals(mode, layout, scopes, METRICS, text_tokens=args.text_tokens,
-                                 output_tokens=args.output_tokens, variants=variants)
+    cost_metrics = [m for g in groups for m in METRIC_GROUPS[g]] if args.metrics is not None else list(METRICS)
+    totals = model.layout_totals(mode, layout, scopes, cost_metrics, text_tokens=args.text_tokens,
+                                 output_tokens=args.output_tokens, variants=variants, dtype=args.dtype)
     out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "sequence": sequence,
-           "variants": variants.as_dict(), "totals": totals}
+           "variants": variants.as_dict(), "dtype": args.dtype, "metrics": list(groups), "totals": totals}
+    from . import stages
+
+    out.update(stages.extra_metrics(mode, layout, scopes, groups, totals, text_tokens=args.text_tokens,
+                                    output_tokens=args.output_tokens, variants=variants, dtype=args.dtype,
+                                    hardware=hardware))
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -119,9 +176,52 @@ def cmd_cost(args) -> int:
           f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
     print(f"prompt {sequence['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {sequence['text_tokens']} "
           f"text), {sequence['output_tokens']} output tokens (prefill + {sequence['decode_forwards']} decode forwards)")
-    print(f"variants: {variants.label()}")
-    rows = [[scope, m, f"{v:,}", human(v)] for scope, ms in totals.items() for m, v in ms.items()]
+    print(f"variants: {variants.label()}; storage dtype {args.dtype}")
+    derived = out.get("derived", {})
+    rows = [[scope, m, f"{v:,}", human(v)] for scope, ms in totals.items()
+            for m, v in {**ms, **derived.get(scope, {})}.items()]
     print(table(rows, ["scope", "metric", "value", "approx"]))
+    for line in stages.text_sections(out):
+        print(line)
+    return 0
+
+
+def cmd_roofline(args) -> int:
+    """Roofline latency per stage and memory fit, for presets (a table; Markdown for the README)."""
+    from graphs import deepseek_ocr as model
+    from . import stages
+
+    mode = model.get_mode(args.mode)
+    variants = _variants_from_args(args)
+    hardware = parse_hardware(args.hardware, args.dtype)
+    if args.nodes < 0:
+        raise UserError(f"--nodes must be >= 0, got {args.nodes}")
+    layout = _layout_from_args(args, mode)
+    sequence = model.sequence_record(mode, layout, args.text_tokens, args.output_tokens)
+    out = stages.extra_metrics(mode, layout, (), ("params", "activations", "kv_cache"), {},
+                               text_tokens=args.text_tokens, output_tokens=args.output_tokens, variants=variants,
+                               dtype=args.dtype, hardware=hardware, top=args.nodes)
+    out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "sequence": sequence,
+           "variants": variants.as_dict(), "dtype": args.dtype, **out}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    r = out["layout"]
+    context = (f"{mode.name} {r['width']}x{r['height']} (grid {r['w_crop']}x{r['h_crop']}, {r['image_tokens']} image "
+               f"tokens), prompt {sequence['prompt_tokens']} tokens, {sequence['output_tokens']} output tokens, "
+               f"{args.dtype}, {variants.label()}")
+    print(stages.roofline_markdown(out["roofline"]) if args.markdown else stages.roofline_table(out["roofline"]))
+    print(f"\n{context}" if args.markdown else f"# {context}")
+    if args.nodes:
+        for name, rec in out["roofline"].items():
+            print(f"\n{name}: slowest nodes per stage (one execution; decode at its last step)")
+            for st, srec in rec["stages"].items():
+                srec = srec.get("last_step", srec) if isinstance(srec, dict) else srec
+                if not isinstance(srec, dict) or "top_nodes" not in srec:
+                    continue
+                rows = [[n["node"], f"{1e6 * n['seconds']:,.1f}", n["bound"],
+                         "-" if n["intensity"] is None else f"{n['intensity']:,.2f}"] for n in srec["top_nodes"]]
+                print(table(rows, [st, "us", "bound", "FLOP/byte"]))
     return 0
 
 
@@ -130,20 +230,26 @@ def cmd_formula(args) -> int:
 
     mode = model.get_mode(args.mode) if args.mode else None
     variants = _variants_from_args(args)
-    if args.metric not in METRICS:
-        raise UserError(f"unknown metric {args.metric!r} (choose from {', '.join(METRICS)})")
+    if args.metric not in METRICS + EXTRA_FORMULA_METRICS:
+        raise UserError(f"unknown metric {args.metric!r} (choose from {', '.join(METRICS + EXTRA_FORMULA_METRICS)})")
     scopes = model.scopes_for(mode)
     if args.scope not in scopes:
         raise UserError(f"unknown scope {args.scope!r} (choose from {', '.join(scopes)})")
     from . import forms
 
-    form = forms.build(args.form, mode.name if mode else None, args.scope, args.metric, args.grid_multiple, variants)
+    if args.metric in METRICS:
+        form = forms.build(args.form, mode.name if mode else None, args.scope, args.metric, args.grid_multiple,
+                           variants)
+    else:
+        from . import stages
+
+        form = stages.extra_form(args.form, mode, args.scope, args.metric, args.grid_multiple, variants)
     if args.json:
         print(json.dumps({**form.to_json(), "variants": variants.as_dict(), "note": model.FORMULA_NOTE}, indent=1))
     else:
         print(form.latex() if args.latex else form.plain())
         c = "%" if args.latex else "#"
-        print(f"{c} form: {args.form}")
+        print(f"{c} form: {form.kind}")
         for line in form.commentary():
             print(f"{c} {line}")
         print(f"{c} variants: {variants.label()}")
@@ -196,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="vendor: cos/sin recomputed per layer (a small matmul); once: per forward, "
                             "elementwise (transformers 5.x) (default: %(default)s)")
 
+    def metrics_arg(q):
+        q.add_argument("--metrics", default=None, metavar="LIST",
+                       help=f"comma list of {', '.join(METRIC_GROUPS)}, or all (default: every per-scope sum: "
+                            f"{', '.join(METRICS)}, and bytes = read + written)")
+
+    def dtype_arg(q):
+        from graphs.config import DEFAULT_DTYPE, DTYPES
+
+        q.add_argument("--dtype", choices=list(DTYPES), default=DEFAULT_DTYPE,
+                       help="storage dtype of weights and activations (default: %(default)s)")
+
+    def hardware_arg(q):
+        from .hardware import names
+
+        q.add_argument("--hardware", default=None, metavar="NAME[,NAME...]",
+                       help=f"roofline latency and memory fit on {', '.join(names())} or all "
+                            "(this-machine: a short calibration now)")
+
     q = sub.add_parser("layout", help="crop grid and image tokens of page sizes")
     q.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH")
     mode_arg(q)
@@ -217,8 +341,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
                    help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
     variant_args(q)
+    metrics_arg(q)
+    dtype_arg(q)
+    hardware_arg(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_cost)
+
+    q = sub.add_parser("roofline", help="roofline latency per stage and whether a generation fits, per hardware")
+    mode_arg(q)
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--size", type=parse_size, metavar="WxH")
+    g.add_argument("--image", metavar="PATH")
+    g.add_argument("--grid", type=parse_size, metavar="AxB", help="crop grid directly (1x1: no crops)")
+    max_num_arg(q)
+    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
+    q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
+    variant_args(q)
+    dtype_arg(q)
+    q.add_argument("--hardware", default="all", metavar="NAME[,NAME...]",
+                   help="presets, this-machine (calibrates now) or all (default: %(default)s: every datasheet preset)")
+    q.add_argument("--nodes", type=int, default=0, metavar="N", help="also list the N slowest nodes per stage")
+    q.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_roofline)
 
     q = sub.add_parser("formula", help="closed form of a metric over a scope")
     q.add_argument("--mode", default=None, help="substitute this mode's sizes (default: all symbolic)")

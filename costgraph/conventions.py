@@ -44,7 +44,7 @@ ZERO = (
     "mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "_unsafe_view", "view", "permute",
     "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice", "unbind", "split",
     "split_with_sizes", "chunk", "alias", "detach", "as_strided", "reshape", "_reshape_alias",
-    "resize_", "set_",
+    "resize_", "set_", "scatter_", "masked_scatter_",
 )
 
 FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
@@ -59,6 +59,7 @@ FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
     "upsample_bicubic2d": (32, OUT),
     "_upsample_bicubic2d_aa": (32, OUT),
     "index_add_": (1, "source"),
+    "aminmax": (2, IN),  # two reductions in one pass (one_hot's range check): min and max
 }
 
 # Per attention score inside a fused SDPA kernel (the CPU flash kernel).

@@ -209,6 +209,33 @@ def assume_tiled(expr: sp.Expr):
     return expr.subs(run, 1), a, (("no-crop layout 1x1 (page within 640x640)", no_crop),)
 
 
+def assume_columns(expr: sp.Expr):
+    """w_crop >= 2: stitching the crop batch into one grid copies it (a single column stays a view)."""
+    from graphs.deepseek_ocr import stitch_copies
+
+    copies = stitch_copies()
+    if not expr.has(copies):
+        return expr, None, ()
+    a = Assumption("columns", "w_crop >= 2: the stitched crop grid is a copy (a single column of tiles stays "
+                              "a view); the w_crop = 1 case is given separately",
+                   r"w_{\mathrm{crop}} \geq 2")
+    one_column = sp.expand(expr.subs(copies, 0).subs(S.w_crop, 1))
+    return expr.subs(copies, 1), a, (("single column w_crop = 1", one_column),)
+
+
+def assume_every_expert(expr: sp.Expr):
+    """min(experts, k*tokens) = experts: the prompt routes at least one row per expert."""
+    bounds = [m for m in expr.atoms(sp.Min) if any(a.is_Number for a in m.args)]
+    if not bounds:
+        return expr, None
+    experts = sorted({int(a) for m in bounds for a in m.args if a.is_Number})
+    a = Assumption("experts", "every MoE layer's experts loop runs all "
+                              f"{', '.join(map(str, experts))} experts: min(experts, k*L) = experts, i.e. the prompt "
+                              "routes at least that many rows (any DeepSeek-OCR prompt: k*L >= 6*74 > 64)",
+                   r"\min(E, kL) = E")
+    return expr.subs({m: next(x for x in m.args if x.is_Number) for m in bounds}), a
+
+
 def grid_multiple(expr: sp.Expr) -> sp.Expr | None:
     """lcm of the divisors applied to the patch grid S/p inside floors and ceilings (None: none found)."""
     sizes = [s for s in S.SIZES if expr.has(s)]
@@ -283,6 +310,15 @@ def build(kind: str, mode_name: str | None, scope: str, metric: str, grid_multip
     expr, tiled, otherwise = assume_tiled(expr)
     if tiled:
         assumptions.append(tiled)
+    expr, columns, one_column = assume_columns(expr)
+    if columns:
+        assumptions.append(columns)
+        otherwise = tuple((case, assume_tiled(v)[0]) for case, v in otherwise) + \
+            tuple((case, sp.expand(assume_tiled(v)[0])) for case, v in one_column)
+    expr, every_expert = assume_every_expert(expr)
+    if every_expert:
+        assumptions.append(every_expert)
+        otherwise = tuple((case, assume_every_expert(v)[0]) for case, v in otherwise)
     expr, aligned, m = assume_aligned(expr, grid_multiple)
     if aligned:
         assumptions.append(aligned)

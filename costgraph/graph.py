@@ -8,15 +8,17 @@ is a sympy sum: there is no numeric "effective batch" anywhere.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Iterable, NamedTuple
 
 import networkx as nx
 import sympy as sp
 
 from . import ops
+from . import params
 from . import symbols as S
 from .cost import METRICS, Cost
 
@@ -71,13 +73,16 @@ class CostGraph:
         inputs = list(inputs)
         # The output's element size: `out_itemsize` if the node says (a cast, an fp32 router),
         # else its first input's, else the storage dtype's.
-        formula_attrs = {k: v for k, v in attrs.items() if k not in ("out_itemsize", "itemsize")}
+        formula_attrs = _formula_attrs(kind, attrs)
         out_itemsize = sp.sympify(attrs.get("out_itemsize", inputs[0].itemsize if inputs else
                                             attrs.get("itemsize", S.dtype_bytes)))
-        shape, cost = ops.apply(kind, [t.spec for t in inputs], formula_attrs)
+        specs = [t.spec for t in inputs]
+        shape, cost = ops.apply(kind, specs, formula_attrs)
+        # Weights are node data, not a Cost: repeating a node does not repeat its parameters.
+        weights = params.weights_of(kind, specs, attrs, out_itemsize)
         self.g.add_node(node, scope=scope, path=path, kind=kind, attrs=attrs,
-                        in_shapes=[t.shape for t in inputs], out_shape=shape, out_itemsize=out_itemsize,
-                        cost=cost)
+                        in_shapes=[t.shape for t in inputs], in_itemsizes=[t.itemsize for t in inputs],
+                        out_shape=shape, out_itemsize=out_itemsize, cost=cost, weights=weights)
         for t in inputs:
             self.g.add_edge(t.node, node)
         self.__dict__.pop("_children", None)
@@ -126,7 +131,7 @@ class CostGraph:
     def _inner(self, scope: str) -> Cost:
         own = [self.cost(n) for n in self.g.nodes if self.g.nodes[n]["scope"] == scope]
         kids = [_repeat(self._inner(k), self.scopes[k]) for k in self._children[scope]]
-        return sum(own + kids, Cost())
+        return _sum(own + kids)
 
     # ---- export ------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -137,6 +142,9 @@ class CostGraph:
             n["in_shapes"] = [[str(d) for d in s] for s in n["in_shapes"]]
             n["out_shape"] = [str(d) for d in n["out_shape"]]
             n["out_itemsize"] = str(n["out_itemsize"])
+            n["in_itemsizes"] = [str(i) for i in n["in_itemsizes"]]
+            w = n.pop("weights")
+            n["params"], n["weight_bytes"] = str(w.count), str(w.nbytes)
             n["attrs"] = {k: str(v) for k, v in n["attrs"].items()}
         data["graph"] = {"name": self.name, "params": {k: str(v) for k, v in self.params.items()}}
         data["scopes"] = [
@@ -156,12 +164,30 @@ class ScopeBuilder:
     def __init__(self, graph: CostGraph, scope: str):
         self.graph, self.scope = graph, scope
 
-    def input(self, path: str, shape, itemsize=S.dtype_bytes) -> Tensor:
+    def input(self, path: str, shape, itemsize=S.dtype_bytes, param=None) -> Tensor:
+        """A tensor from outside the graph. `param=True`: a stored parameter of this shape;
+        `param=<shape>`: a parameter stored at that shape (the node's shape being a gathered view)."""
+        extra = {} if param is None else {"param": param}
         return self.graph.add_node(self.scope, path, "input", [], shape=tuple(sp.sympify(d) for d in shape),
-                                   itemsize=itemsize)
+                                   itemsize=itemsize, **extra)
 
     def op(self, path: str, kind: str, *inputs: Tensor, **attrs) -> Tensor:
         return self.graph.add_node(self.scope, path, kind, inputs, **attrs)
+
+
+def _formula_attrs(kind: str, attrs: dict) -> dict:
+    """The attrs a cost formula takes: all but node data (element sizes, weight attrs of
+    `costgraph.params`), unless the formula names one of those itself."""
+    fn = ops.OPS.get(kind)
+    named = inspect.signature(fn).parameters if fn is not None else {}
+    node_data = ("out_itemsize", "itemsize") + params.NODE_ATTRS
+    return {k: v for k, v in attrs.items() if k not in node_data or k in named}
+
+
+def _sum(costs: list[Cost]) -> Cost:
+    """The sum of many costs as one sympy Add per metric (adding pairwise re-flattens the running
+    sum every time: quadratic in the number of nodes)."""
+    return Cost(**{m: sp.Add(*[getattr(c, m) for c in costs]) for m in METRICS})
 
 
 def _within(scope: str, prefix: str) -> bool:
@@ -171,5 +197,23 @@ def _within(scope: str, prefix: str) -> bool:
 def _repeat(cost: Cost, scope: Scope) -> Cost:
     if scope.sum_over is not None:
         idx, lo, hi = scope.sum_over
-        cost = cost.map(lambda e: sp.expand(sp.summation(e, (idx, lo, hi))) if e.has(idx) else e * (hi - lo + 1))
+        cost = cost.map(lambda e: sum_over(e, idx, lo, hi) if e.has(idx) else e * (hi - lo + 1))
     return cost * scope.multiplicity if scope.multiplicity != 1 else cost
+
+
+def sum_over(e: sp.Expr, idx: sp.Symbol, lo, hi) -> sp.Expr:
+    """sum_{idx=lo..hi} e in closed form. A polynomial in idx (its coefficients may hold anything
+    else: floors, Piecewise, Min) is summed term by term with Faulhaber's power sums, which is
+    what `sp.summation` returns but without its rational-function machinery (seconds per
+    expression on the decode costs); anything else goes to `sp.summation`."""
+    e = sp.expand(e)
+    try:
+        poly = sp.Poly(e, idx)
+    except sp.PolynomialError:
+        return sp.expand(sp.summation(e, (idx, lo, hi)))
+    return sp.expand(sp.Add(*[c * _power_sum(k, idx, lo, hi) for (k,), c in poly.terms()]))
+
+
+@lru_cache(maxsize=None)
+def _power_sum(k: int, idx: sp.Symbol, lo, hi) -> sp.Expr:
+    return sp.expand(sp.summation(idx ** k, (idx, lo, hi)))

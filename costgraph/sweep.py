@@ -134,19 +134,27 @@ class Sequence:
     text_tokens: int | None = None      # None: the model's default
     output_tokens: int | None = None
     variants: object = None             # graphs.decoder.Variants; None: the vendor's
+    dtype: str | None = None            # storage dtype of the bytes metrics; None: the default (bf16)
 
     def resolved(self) -> "Sequence":
         from graphs import deepseek_ocr as model
-        from graphs.config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS
+        from graphs.config import DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS
 
         seq = Sequence(DEFAULT_TEXT_TOKENS if self.text_tokens is None else self.text_tokens,
                        DEFAULT_OUTPUT_TOKENS if self.output_tokens is None else self.output_tokens,
-                       model.VENDOR if self.variants is None else self.variants)
+                       model.VENDOR if self.variants is None else self.variants,
+                       DEFAULT_DTYPE if self.dtype is None else self.dtype)
         model.sequence_values(seq.text_tokens, seq.output_tokens)  # validates
+        model.dtype_values(seq.dtype)
         return seq
 
+    def values(self) -> dict:
+        from graphs import deepseek_ocr as model
+
+        return {**model.sequence_values(self.text_tokens, self.output_tokens), **model.dtype_values(self.dtype)}
+
     def as_dict(self) -> dict:
-        return {"text_tokens": self.text_tokens, "output_tokens": self.output_tokens,
+        return {"text_tokens": self.text_tokens, "output_tokens": self.output_tokens, "dtype": self.dtype,
                 "variants": self.variants.as_dict() if self.variants is not None else None}
 
 
@@ -162,7 +170,7 @@ def compiled(mode_name: str, scopes: tuple[str, ...], metrics: tuple[str, ...], 
     for s in scopes:
         for m in metrics:
             exprs[_column_name(s, m)] = model.formula(mode, s, m, seq.variants)
-    c = Compiled(exprs, fixed=model.sequence_values(seq.text_tokens, seq.output_tokens))
+    c = Compiled(exprs, fixed=seq.values())
     left = [a.name for a in c.args if a.name not in ("w_crop", "h_crop")]
     if left:
         raise ValueError(f"the sweep needs values for: {', '.join(left)}")
@@ -389,7 +397,7 @@ def _grid_list(text: str):
 def run_from_args(args) -> Sweep:
     from .cli import UserError, _variants_from_args
 
-    seq = Sequence(args.text_tokens, args.output_tokens, _variants_from_args(args))
+    seq = Sequence(args.text_tokens, args.output_tokens, _variants_from_args(args), args.dtype)
     if args.heights and not args.widths:
         raise UserError("--heights needs --widths")
     if args.grids:

@@ -25,10 +25,20 @@ context = sp.Symbol("context", **_int)              # attended length in one dec
 # model keeps in fp32 whatever the storage dtype (router, softmax upcasts) use 4 directly.
 dtype_bytes = sp.Symbol("dtype_bytes", **_int)
 
+# Routing (data-dependent): distinct routed experts one MoE layer runs in one prefill forward.
+# The router decides which experts the prompt's tokens meet; routed rows are exactly k per token
+# whatever it decides, but the eager experts loop pays per expert it runs (the expert's weights
+# read once, the bookkeeping ops, a full read of the hidden states and a full write of the
+# output). At most min(routed_experts, k * tokens) (the default prediction,
+# `graphs.decoder.experts_hit_bound`); a decode forward (one token) runs exactly k. Costs are
+# linear in it, so a total over the MoE layers is exact at the layers' mean.
+experts_hit = sp.Symbol("experts_hit", **_int)
+
 LAYOUT = (w_crop, h_crop)
 SIZES = (base_size, image_size)
 PATCH = (patch_size, downsample_ratio)
-ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens, dtype_bytes)
+ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens, dtype_bytes,
+       experts_hit)
 BY_NAME = {s.name: s for s in ALL}
 
 # LaTeX names for papers: upright subscripts.
@@ -44,4 +54,5 @@ LATEX_NAMES = {
     decode_step: r"t",
     context: r"C",
     dtype_bytes: r"b",
+    experts_hit: r"E_{\mathrm{hit}}",
 }

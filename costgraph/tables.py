@@ -41,7 +41,8 @@ def parse_rows(text: str) -> list[tuple[str, tuple[int, int] | None]]:
     return out
 
 
-def build_rows(spec, text_tokens=None, output_tokens=None, variants=None, metrics=METRICS) -> list[Row]:
+def build_rows(spec, text_tokens=None, output_tokens=None, variants=None, metrics=METRICS,
+               dtype: str | None = None) -> list[Row]:
     from graphs import deepseek_ocr as model
     from graphs.config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS
     from graphs.layout import layout_for_grid
@@ -57,7 +58,8 @@ def build_rows(spec, text_tokens=None, output_tokens=None, variants=None, metric
         layout = layout_for_grid(*(grid or (1, 1)), mode)
         rec = model.layout_record(layout, mode)
         totals = model.layout_totals(mode, layout, model.scopes_for(mode), metrics, text_tokens=text_tokens,
-                                     output_tokens=output_tokens, variants=variants)
+                                     output_tokens=output_tokens, variants=variants,
+                                     **({"dtype": dtype} if dtype else {}))
         if mode.crop_mode:
             views = f"1x{mode.base_size}" + (f" + {layout.num_crops}x{mode.image_size}" if layout.tiled else "")
         else:
@@ -168,16 +170,19 @@ def render(rows: list[Row], fmt: str, metrics=METRICS, scale: str = "G", context
 
 def sequence_args(q) -> None:
     """--text-tokens/--output-tokens with the model's defaults (as `costgraph cost` has them)."""
-    from graphs.config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS
+    from graphs.config import DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES
 
     q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
                    help="prompt text after the image (default: %(default)s, an estimate of the OCR prompt)")
     q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
                    help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
+    q.add_argument("--dtype", default=DEFAULT_DTYPE, help="storage dtype of the bytes metrics: "
+                   f"{', '.join(DTYPES)} (default: %(default)s)")
 
 
 def context_line(args, variants) -> str:
-    return (f"text_tokens={args.text_tokens}, output_tokens={args.output_tokens}, {variants.label()}; "
+    return (f"text_tokens={args.text_tokens}, output_tokens={args.output_tokens}, dtype={args.dtype}, "
+            f"{variants.label()}; "
             "FLOPs: 2 per multiply-add, matmul-class ops")
 
 
@@ -210,7 +215,7 @@ def cmd_table(args) -> int:
             raise UserError(f"grid {grid[0]}x{grid[1]} has more than --max-num {args.max_num} crops: "
                             "the layout never produces it")
     variants = _variants_from_args(args)
-    rows = build_rows(spec, args.text_tokens, args.output_tokens, variants, metrics)
+    rows = build_rows(spec, args.text_tokens, args.output_tokens, variants, metrics, args.dtype)
     text = render(rows, args.format, metrics, args.scale, context_line(args, variants))
     if args.out:
         write_atomic(args.out, text)

@@ -17,7 +17,7 @@ from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
 from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, VISION,
-                     LMConfig, Mode)
+                     LMConfig, Mode, VisionConfig)
 from .decoder import VENDOR, Variants
 from .layout import Layout, crops_run, layout_for, layout_for_grid, tokens_for
 
@@ -31,10 +31,11 @@ E2E_PARTS = ("vision", "decoder.prefill", "decoder.decode")
 
 
 @lru_cache(maxsize=None)
-def vision_graph(crop_mode: bool = True) -> CostGraph:
-    """Crop mode: global view at base_size + crops at image_size. Native: one view at image_size."""
+def vision_graph(crop_mode: bool = True, cfg: VisionConfig = VISION) -> CostGraph:
+    """Crop mode: global view at base_size + crops at image_size. Native: one view at image_size.
+    `cfg`: the vision widths and depths (a small one for fast checks against a small reference)."""
     g = CostGraph("deepseek-ocr.vision", params={"crop_mode": crop_mode})
-    _add_vision(g, crop_mode)
+    _add_vision(g, crop_mode, cfg)
     return g
 
 
@@ -47,37 +48,51 @@ def model_graph(crop_mode: bool = True, variants: Variants = VENDOR, cfg: LMConf
     return g
 
 
-def _add_vision(g: CostGraph, crop_mode: bool) -> Tensor:
+def _add_vision(g: CostGraph, crop_mode: bool, cfg: VisionConfig = VISION) -> Tensor:
     """The vision scopes; returns the image slots (the assembled sequence)."""
     g.scope("vision", doc="DeepEncoder: every view, then token assembly")
     side = S.base_size if crop_mode else S.image_size
-    out_global = vision.view(g.scope("vision.global", doc="the global view, batch 1"), side)
+    out_global = vision.view(g.scope("vision.global", doc="the global view, batch 1"), side, cfg=cfg)
     out_crop = None
     if crop_mode:
-        crops = g.scope("vision.crops", multiplicity=S.w_crop * S.h_crop * crops_run(),
+        # One batch of w_crop*h_crop views (weights and tables read once per batch, as the vendor
+        # runs it); the scope runs once, or not at all for the 1x1 layout.
+        crops = g.scope("vision.crops", multiplicity=crops_run(),
                         doc="one batch of w_crop*h_crop crop views (none for the 1x1 layout)")
-        out_crop = vision.view(crops, S.image_size)
-    return _assemble(g.builder("vision"), out_global, side, out_crop)
+        out_crop = vision.view(crops, S.image_size, batch=S.w_crop * S.h_crop, cfg=cfg, min_batch=2)
+    return _assemble(g.builder("vision"), out_global, side, out_crop, cfg.projector_out)
 
 
-def _assemble(a, out_global, side, out_crop) -> Tensor:
-    """Image slots: [crop grid rows + newlines], global grid rows + newlines, separator."""
-    width = VISION.projector_out
-    newline = a.input("assemble.image_newline", (width,))
+def stitch_copies(w=S.w_crop) -> sp.Expr:
+    """Indicator that stitching the crop batch into one grid copies it: a permute and reshape that
+    stays a view for a single column of tiles (w_crop == 1). The one layout-dependent case in the
+    vision bytes that is not `crops_run`: a closed form polynomial in the layout needs w_crop >= 2."""
+    return vision.more_than_one(w)
+
+
+def _assemble(a, out_global, side, out_crop, width: int = VISION.projector_out) -> Tensor:
+    """Image slots: [crop grid rows + newlines], global grid rows + newlines, separator.
+
+    Crops: the batch (P, n*n, d) is stitched row-major into one (n*h_crop, n*w_crop, d) grid, a
+    copy unless w_crop == 1 (a single column stays a view); a newline after every stitched row
+    (`cat` with the newline expanded: its footprint is one vector). All of it only when the crops
+    run (`crops_run`: the row count carries it, so the slot count is exact).
+    """
+    newline = a.input("assemble.image_newline", (width,), param=True)
     parts = []
     if out_crop is not None:
         (out_crop, nc), run = out_crop, crops_run()
         rows, cols = run * nc * S.h_crop, nc * S.w_crop
-        grid = a.op("assemble.crop_stitch", "reshape", out_crop, shape=(rows, cols, width))
+        grid = a.op("assemble.crop_stitch", "reshape", out_crop, shape=(rows, cols, width), copy=stitch_copies())
         nl = a.op("assemble.crop_newline_expand", "reshape", newline, shape=(rows, 1, width))
-        grid = a.op("assemble.crop_newlines", "cat", grid, nl, dim=1)
+        grid = a.op("assemble.crop_newlines", "cat", grid, nl, dim=1, broadcast_inputs=(1,), when=run)
         parts.append(a.op("assemble.crop_flatten", "flatten", grid, shape=(rows * (cols + 1), width)))
     out_global, nb = out_global
     grid = a.op("assemble.global_grid", "reshape", out_global, shape=(nb, nb, width))
     nl = a.op("assemble.global_newline_expand", "reshape", newline, shape=(nb, 1, width))
-    grid = a.op("assemble.global_newlines", "cat", grid, nl, dim=1)
+    grid = a.op("assemble.global_newlines", "cat", grid, nl, dim=1, broadcast_inputs=(1,))
     parts.append(a.op("assemble.global_flatten", "flatten", grid, shape=(nb * (nb + 1), width)))
-    parts.append(a.input("assemble.view_seperator", (1, width)))
+    parts.append(a.input("assemble.view_seperator", (1, width), param=(width,)))
     return a.op("assemble.sequence", "cat", *parts, dim=0)
 
 

@@ -1,16 +1,36 @@
-"""The DeepEncoder for one view of side `side`: SAM ViT-B, CLIP-L on SAM's features, projector.
+"""The DeepEncoder for a batch of square views of side `side`: SAM ViT-B, CLIP-L on SAM's features,
+projector.
 
-Nodes are named by the vendor's module paths (`sam.blocks.3.attn.qkv`). Every op of SPEC
-section 4 is a node, including the shape-only ones (norms, activations, residual adds,
-window padding), which cost no matmul FLOPs but carry the other metrics.
+Nodes are named by the vendor's module paths (`sam.blocks.3.attn.qkv`). Every aten op the vendor
+runs is a node (SPEC section 4), including those that cost no matmul FLOPs but move bytes or do
+elementwise work: norms, activations, residual adds, the rel-pos index arithmetic and gathers,
+window padding and the copies torch makes (`.contiguous()` of permuted windows, `.reshape` of a
+permuted tensor, einsum's operand copy), fp32 casts around position-table resizes. Which of those
+run depends on the sizes; the conditions are symbolic indicators (`when`):
+
+- window padding (and cropping it off again): only when g % 14 != 0;
+- the window (un)partition copies: only when there is more than one window per side (g > 14);
+- the split of qkv into heads copies when the attention runs more than one sequence (the crop
+  batch, or more than one window): `reshape(3, B*heads, N, hd)` of a permuted tensor; q, k, v are
+  then head-major, so merging the heads after the fused CPU attention copies too, and the `w`
+  rel-pos einsum can use q as it is (with one sequence it copies q, like the `h` one always does);
+- the position tables are resized only when the grid differs from the pretraining grid (SAM
+  64x64, CLIP 16x16); the global rel-pos tables only when 2*g - 1 != 127.
+
+`batch` is the number of views run together (1 for the global view, w_crop*h_crop for the crops):
+weights and the position/rel-pos tables are read once per batch, not once per view. `min_batch`:
+the least batch that ever runs (the crops: 2, as a 1x1 layout runs no crops), which decides the
+"more than one sequence" copies of a symbolic batch.
 """
 from __future__ import annotations
 
 import sympy as sp
 
+from costgraph import conventions as C
 from costgraph import symbols as S
+from costgraph.cost import Cost
 from costgraph.graph import ScopeBuilder, Tensor
-from costgraph.ops import ceil_div
+from costgraph.ops import FLOAT32, INT64, Spec, ceil_div, register
 from .config import VISION, VisionConfig
 
 
@@ -19,34 +39,64 @@ def sam_grid(side, patch=S.patch_size) -> sp.Expr:
     return sp.floor(sp.sympify(side) / patch)
 
 
-def sam(b: ScopeBuilder, pixels: Tensor, patch, cfg: VisionConfig = VISION) -> Tensor:
+def indicator(cond) -> sp.Expr:
+    """1 where `cond` holds, else 0 (decided now when the sizes are numbers)."""
+    return sp.Piecewise((1, cond), (0, True))
+
+
+def more_than_one(n) -> sp.Expr:
+    return indicator(sp.Gt(n, 1))
+
+
+def unequal(a, b) -> sp.Expr:
+    return indicator(sp.Ne(sp.sympify(a), sp.sympify(b)))
+
+
+@register("rel_pos_coords")
+def rel_pos_coords(*, size):
+    """SAM's rel-pos index for q = k = size: arange(size)[:, None] * 1.0 - arange(size)[None, :] * 1.0
+    + (size - 1) * 1.0, then `.long()`. Two int64 aranges, two multiplies by a Python float (to fp32,
+    torch's default float), the broadcast subtract, the scalar add, the cast to int64."""
+    s = sp.sympify(size)
+    ew = 2 * C.elementwise_flops("mul", s, s) + C.elementwise_flops("sub", s * s, s) \
+        + C.elementwise_flops("add", s * s, s * s)
+    #       aranges      muls (int64 in, fp32 out)     sub (two fp32 vectors)    add (scalar)    long
+    read = (0 + 2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s)
+    written = (2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s + INT64 * s * s)
+    return Spec((s, s), INT64), Cost(elementwise_flops=ew, bytes_read=read, bytes_written=written,
+                                     activation_bytes=INT64 * s * s)
+
+
+def cast(b: ScopeBuilder, path: str, x: Tensor, size, **attrs) -> Tensor:
+    return b.op(path, "cast", x, out_itemsize=size, **attrs)
+
+
+# ---- SAM ------------------------------------------------------------------------------------------
+
+def sam(b: ScopeBuilder, pixels: Tensor, patch, cfg: VisionConfig = VISION, min_batch: int = 1) -> Tensor:
     c = cfg.sam
     x = b.op("sam.patch_embed.proj", "conv2d", pixels, in_channels=c.in_channels, out_channels=c.width,
              kernel=patch, stride=patch)
     bsz, _, g, _ = x.shape
-    x = b.op("sam.patch_embed.permute", "reshape", x, shape=(bsz, g, g, c.width))
-    # The 64x64 table is resized (bicubic, antialias) to g x g when g != 64.
-    pos = b.input("sam.pos_embed", (1, c.pretrain_grid, c.pretrain_grid, c.width))
-    pos = b.op("sam.pos_embed.resize", "interpolate", pos, mode="bicubic", size=(g, g))
-    x = b.op("sam.pos_embed.add", "add", x, pos)
+    x = b.op("sam.patch_embed.permute", "permute", x, shape=(bsz, g, g, c.width))
+    x = b.op("sam.pos_embed.add", "add", x, position_table(b, g, c.width, c.pretrain_grid))
     for i in range(c.depth):
-        x = sam_block(b, x, i, cfg)
-    p = "sam.neck"
-    x = b.op(f"{p}.permute", "reshape", x, shape=(bsz, c.width, g, g))
-    x = b.op(f"{p}.0", "conv2d", x, in_channels=c.width, out_channels=c.neck_channels, kernel=1, bias=False)
-    x = b.op(f"{p}.1", "layer_norm", x, eps=c.layer_norm_eps)
-    x = b.op(f"{p}.2", "conv2d", x, in_channels=c.neck_channels, out_channels=c.neck_channels, kernel=3,
-             padding=1, bias=False)
-    x = b.op(f"{p}.3", "layer_norm", x, eps=c.layer_norm_eps)
-    ch = c.neck_channels
-    for k, out_ch in enumerate(c.compressor_channels):  # vendor names: net_2, net_3
-        x = b.op(f"sam.net_{k + 2}", "conv2d", x, in_channels=ch, out_channels=out_ch, kernel=3,
-                 stride=c.compressor_stride, padding=1, bias=False)
-        ch = out_ch
-    return x
+        x = sam_block(b, x, i, cfg, min_batch)
+    return neck(b, x, cfg)
 
 
-def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig) -> Tensor:
+def position_table(b: ScopeBuilder, g, width, grid) -> Tensor:
+    """The (1, grid, grid, width) table, bicubic-resized (antialias, in fp32) to g x g when g != grid."""
+    resize = unequal(g, grid)
+    pos = b.input("sam.pos_embed", (1, grid, grid, width), param=True)
+    pos = b.op("sam.pos_embed.nchw", "permute", pos, shape=(1, width, grid, grid))
+    pos = cast(b, "sam.pos_embed.to_fp32", pos, FLOAT32, when=resize)
+    pos = b.op("sam.pos_embed.resize", "interpolate", pos, mode="bicubic", antialias=True, size=(g, g), when=resize)
+    pos = cast(b, "sam.pos_embed.to_storage", pos, S.dtype_bytes, when=resize)
+    return b.op("sam.pos_embed.nhwc", "permute", pos, shape=(1, g, g, width))
+
+
+def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig, min_batch: int = 1) -> Tensor:
     c = cfg.sam
     p = f"sam.blocks.{i}"
     bsz, g, _, d = x.shape
@@ -55,16 +105,21 @@ def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig) -> Tensor:
     if i in c.global_blocks:
         seqs, side = bsz, g
     else:
-        # Zero-pad the grid to a multiple of the window; the padded tokens are NOT masked:
-        # qkv, attention and proj run on them.
+        # Zero-pad the grid to a multiple of the window (only when needed); the padded tokens
+        # are NOT masked: qkv, attention and proj run on them.
         win = c.window
-        padded = win * ceil_div(g, win)
-        nwin = bsz * (padded / win) ** 2
-        h = b.op(f"{p}.window_partition", "window_partition", h, shape=(nwin, win, win, d))
-        seqs, side = nwin, sp.Integer(win)
-    h = attention(b, h, f"{p}.attn", seqs, side, cfg)
+        per_side = ceil_div(g, win)
+        padded, several = win * per_side, more_than_one(per_side)
+        pad = unequal(padded, g)
+        h = b.op(f"{p}.window_partition.pad", "pad", h, shape=(bsz, padded, padded, d), when=pad)
+        seqs, side = bsz * per_side ** 2, sp.Integer(win)
+        h = b.op(f"{p}.window_partition", "window_partition", h, shape=(seqs, win, win, d), copy=several)
+    table = c.window if i not in c.global_blocks else c.pretrain_grid
+    many = 1 if min_batch > 1 else more_than_one(seqs)  # more than one sequence
+    h = attention(b, h, f"{p}.attn", seqs, side, cfg, table, many)
     if i not in c.global_blocks:
-        h = b.op(f"{p}.window_unpartition", "window_unpartition", h, shape=(bsz, g, g, d))
+        h = b.op(f"{p}.window_unpartition", "window_unpartition", h, shape=(bsz, padded, padded, d), copy=several)
+        h = b.op(f"{p}.window_unpartition.unpad", "slice", h, shape=(bsz, g, g, d), copy=pad)
     x = b.op(f"{p}.residual1", "add", shortcut, h)
     h = b.op(f"{p}.norm2", "layer_norm", x, eps=c.layer_norm_eps)
     h = b.op(f"{p}.mlp.lin1", "linear", h, in_features=d, out_features=c.mlp_dim)
@@ -73,47 +128,109 @@ def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig) -> Tensor:
     return b.op(f"{p}.residual2", "add", x, h)
 
 
-def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig) -> Tensor:
-    """SAM attention over `seqs` square grids of `side` x `side` tokens, decomposed rel-pos."""
+def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig, table: int, several) -> Tensor:
+    """SAM attention over `seqs` square grids of `side` x `side` tokens, decomposed rel-pos.
+
+    `table`: the grid the stored rel-pos tables (2*table - 1, head_dim) were trained for;
+    `several`: 1 when seqs > 1, else 0 (an indicator).
+    """
     c = cfg.sam
     nh, hd, d = c.heads, c.head_dim, c.width
     n = side * side
     qkv = b.op(f"{p}.qkv", "linear", x, in_features=d, out_features=3 * d)
-    q = b.op(f"{p}.split_heads", "reshape", qkv, shape=(seqs * nh, side, side, hd))
-    # Tables (2*side-1, hd) gathered to (side, side, hd); the einsums use the unscaled q.
-    rel_h = b.input(f"{p}.rel_pos_h", (side, side, hd))
-    rel_w = b.input(f"{p}.rel_pos_w", (side, side, hd))
-    eh = b.op(f"{p}.rel_h", "einsum", q, rel_h, equation="bhwc,hkc->bhwk")
-    ew = b.op(f"{p}.rel_w", "einsum", q, rel_w, equation="bhwc,wkc->bhwk")
-    # Their broadcast sum is materialised as a float mask (B, heads, N, N).
+    # (seqs, N, 3, heads, hd) permuted to (3, seqs, heads, N, hd) and reshaped to (3, seqs*heads, N, hd):
+    # folding seqs into heads needs a copy as soon as there is more than one sequence. That copy
+    # decides the layouts downstream: q, k, v contiguous per head (else views into qkv).
+    qkv = b.op(f"{p}.split_heads", "reshape", qkv, shape=(3, seqs * nh, n, hd), copy=several)
+    q = b.op(f"{p}.q", "slice", qkv, shape=(seqs * nh, side, side, hd))
+    rel = [rel_pos_table(b, f"{p}.rel_pos_{axis}", side, table, hd) for axis in "hw"]
+    # The einsums use the unscaled q. torch lines up the batch dim of each for bmm: for `h` it
+    # always copies q; for `w` only when q is a view into qkv (one sequence).
+    eh = b.op(f"{p}.rel_h", "einsum", q, rel[0], equation="bhwc,hkc->bhwk", copies=(0,))
+    ew = b.op(f"{p}.rel_w", "einsum", q, rel[1], equation="bhwc,wkc->bhwk", copies=((0, 1 - several),))
+    # Both come out as permuted views; the vendor reshapes each (a copy) before the broadcast
+    # sum, which materialises the float mask (seqs*heads, N, side, side), contiguous.
+    eh = b.op(f"{p}.rel_h.flat", "reshape", eh, shape=(seqs * nh, n, side, 1), copy=True)
+    ew = b.op(f"{p}.rel_w.flat", "reshape", ew, shape=(seqs * nh, n, 1, side), copy=True)
     mask = b.op(f"{p}.rel_pos_mask", "add", eh, ew)
     mask = b.op(f"{p}.rel_pos_mask.view", "reshape", mask, shape=(seqs, nh, n, n))
-    qh = b.op(f"{p}.heads", "reshape", qkv, shape=(seqs, nh, n, hd))
-    o = b.op(f"{p}.sdpa", "sdpa", qh, qh, qh, mask)
-    o = b.op(f"{p}.merge_heads", "reshape", o, shape=(seqs, side, side, d))
+    heads = [b.op(f"{p}.{t}_heads", "slice", qkv, shape=(seqs, nh, n, hd)) for t in "qkv"]
+    o = b.op(f"{p}.sdpa", "sdpa", *heads, mask)
+    # The CPU kernel lays its output out like q: heads interleaved per token when q is a view into
+    # qkv (merging the heads is then a view), head-major when q was copied (merging copies).
+    o = b.op(f"{p}.merge_heads", "reshape", o, shape=(seqs, side, side, d), copy=several)
     return b.op(f"{p}.proj", "linear", o, in_features=d, out_features=d)
 
 
+def rel_pos_table(b: ScopeBuilder, p: str, side, table: int, hd) -> Tensor:
+    """The stored (2*table - 1, hd) table, linearly resized (in fp32) to 2*side - 1 rows when the
+    lengths differ, gathered to (side, side, hd) by the relative coordinates."""
+    stored, length = 2 * table - 1, 2 * side - 1
+    resize = unequal(length, stored)
+    t = b.input(p, (stored, hd), param=True)
+    t = cast(b, f"{p}.to_fp32", t, FLOAT32, when=resize)
+    t = b.op(f"{p}.ncl", "permute", t, shape=(1, hd, stored))
+    t = b.op(f"{p}.resize", "interpolate", t, mode="linear", size=(length,), when=resize)
+    t = cast(b, f"{p}.to_storage", t, S.dtype_bytes, when=resize)
+    t = b.op(f"{p}.rows", "permute", t, shape=(length, hd))
+    idx = b.op(f"{p}.coords", "rel_pos_coords", size=side, itemsize=INT64)
+    return b.op(f"{p}.gather", "index", t, idx)
+
+
+def neck(b: ScopeBuilder, x: Tensor, cfg: VisionConfig) -> Tensor:
+    c = cfg.sam
+    bsz, g, _, _ = x.shape
+    p = "sam.neck"
+    x = b.op(f"{p}.nchw", "permute", x, shape=(bsz, c.width, g, g))
+    x = b.op(f"{p}.0", "conv2d", x, in_channels=c.width, out_channels=c.neck_channels, kernel=1, bias=False)
+    x = layer_norm_2d(b, f"{p}.1", x, c.layer_norm_eps)
+    x = b.op(f"{p}.2", "conv2d", x, in_channels=c.neck_channels, out_channels=c.neck_channels, kernel=3,
+             padding=1, bias=False)
+    x = layer_norm_2d(b, f"{p}.3", x, c.layer_norm_eps)
+    ch = c.neck_channels
+    for k, out_ch in enumerate(c.compressor_channels):  # vendor names: net_2, net_3
+        x = b.op(f"sam.net_{k + 2}", "conv2d", x, in_channels=ch, out_channels=out_ch, kernel=3,
+                 stride=c.compressor_stride, padding=1, bias=False)
+        ch = out_ch
+    return x
+
+
+def layer_norm_2d(b: ScopeBuilder, p: str, x: Tensor, eps) -> Tensor:
+    """The vendor's LayerNorm2d over the channels of (B, C, H, W), op by op:
+    u = mean(x); var = mean((x - u)^2); y = (x - u) / sqrt(var + eps); weight * y + bias."""
+    ch = x.shape[1]
+    u = b.op(f"{p}.mean", "mean", x, dim=1)
+    sq = b.op(f"{p}.square", "pow", b.op(f"{p}.centre", "sub", x, u))
+    var = b.op(f"{p}.var", "mean", sq, dim=1)
+    centred = b.op(f"{p}.centre_again", "sub", x, u)
+    std = b.op(f"{p}.std", "sqrt", b.op(f"{p}.eps", "add", var))
+    y = b.op(f"{p}.normalise", "div", centred, std)
+    weight = b.input(f"{p}.weight", (ch, 1, 1), param=(ch,))
+    bias = b.input(f"{p}.bias", (ch, 1, 1), param=(ch,))
+    return b.op(f"{p}.shift", "add", b.op(f"{p}.scale", "mul", weight, y), bias)
+
+
+# ---- CLIP -----------------------------------------------------------------------------------------
+
 def clip(b: ScopeBuilder, sam_out: Tensor, cfg: VisionConfig = VISION) -> Tensor:
-    """CLIP-L whose patch embedding IS SAM's output (its own conv never runs)."""
+    """CLIP-L whose patch embedding IS SAM's output (its own conv is loaded but never runs)."""
     c = cfg.clip
     bsz, ch, n, _ = sam_out.shape
     tokens = n * n
-    x = b.op("clip.embeddings.flatten", "flatten", sam_out, shape=(bsz, tokens, ch))
-    cls = b.input("clip.embeddings.class_embedding", (bsz, 1, c.width))
-    x = b.op("clip.embeddings.cat", "cat", cls, x, dim=1)
-    pos = b.input("clip.embeddings.position_embedding", (1, c.pretrain_grid ** 2 + 1, c.width))
-    pos = b.op("clip.embeddings.position_embedding.resize", "interpolate", pos, mode="bicubic",
-               size=(1, tokens + 1, c.width))
-    x = b.op("clip.embeddings.add", "add", x, pos)
-    x = b.op("clip.pre_layrnorm", "layer_norm", x, eps=c.layer_norm_eps)
     seq = tokens + 1
+    b.input("clip.embeddings.patch_embedding", (c.width, 3, c.patch_size, c.patch_size), param=True)
+    x = b.op("clip.embeddings.flatten", "flatten", sam_out, shape=(bsz, tokens, ch))
+    cls = b.input("clip.embeddings.class_embedding", (c.width,), param=True)
+    cls = b.op("clip.embeddings.class_embedding.expand", "reshape", cls, shape=(bsz, 1, c.width))
+    x = b.op("clip.embeddings.cat", "cat", cls, x, dim=1, broadcast_inputs=(0,))
+    x = b.op("clip.embeddings.add", "add", x, clip_positions(b, n, c.width, c.pretrain_grid))
+    x = b.op("clip.pre_layrnorm", "layer_norm", x, eps=c.layer_norm_eps)
     for i in range(c.depth):
         p = f"clip.transformer.layers.{i}"
         h = b.op(f"{p}.layer_norm1", "layer_norm", x, eps=c.layer_norm_eps)
         qkv = b.op(f"{p}.self_attn.qkv_proj", "linear", h, in_features=c.width, out_features=3 * c.width)
-        qh = b.op(f"{p}.self_attn.heads", "reshape", qkv, shape=(bsz, c.heads, seq, c.head_dim))
-        o = b.op(f"{p}.self_attn.sdpa", "sdpa", qh, qh, qh)
+        heads = [b.op(f"{p}.self_attn.{t}_heads", "slice", qkv, shape=(bsz, c.heads, seq, c.head_dim)) for t in "qkv"]
+        o = b.op(f"{p}.self_attn.sdpa", "sdpa", *heads)
         o = b.op(f"{p}.self_attn.merge_heads", "reshape", o, shape=(bsz, seq, c.width))
         o = b.op(f"{p}.self_attn.out_proj", "linear", o, in_features=c.width, out_features=c.width)
         x = b.op(f"{p}.residual1", "add", x, o)
@@ -125,13 +242,38 @@ def clip(b: ScopeBuilder, sam_out: Tensor, cfg: VisionConfig = VISION) -> Tensor
     return x
 
 
-def view(b: ScopeBuilder, side, patch=S.patch_size, cfg: VisionConfig = VISION) -> tuple[Tensor, sp.Expr]:
-    """One view (batch 1) through SAM, CLIP, fusion and projector.
+def clip_positions(b: ScopeBuilder, n, width, grid) -> Tensor:
+    """(1, n*n + 1, width): the table looked up by position ids (an embedding gather of every row),
+    its grid part made contiguous (NCHW), bicubic-resized in fp32 to n x n and joined to the class
+    position again, when n != grid."""
+    resize = unequal(n, grid)
+    rows = grid * grid + 1
+    table = b.input("clip.embeddings.position_embedding", (rows, width), param=True)
+    ids = b.input("clip.embeddings.position_ids", (1, rows), itemsize=INT64)
+    pos = b.op("clip.embeddings.position_embedding.lookup", "index", table, ids)
+    cls = b.op("clip.embeddings.position_embedding.class", "slice", pos, shape=(1, width))
+    t = b.op("clip.embeddings.position_embedding.nchw", "reshape", pos, shape=(1, width, grid, grid),
+             copy=resize)
+    t = cast(b, "clip.embeddings.position_embedding.to_fp32", t, FLOAT32, when=resize)
+    t = b.op("clip.embeddings.position_embedding.resize", "interpolate", t, mode="bicubic", antialias=True,
+             size=(n, n), when=resize)
+    t = cast(b, "clip.embeddings.position_embedding.to_storage", t, S.dtype_bytes, when=resize)
+    t = b.op("clip.embeddings.position_embedding.rows", "permute", t, shape=(n * n, width))
+    t = b.op("clip.embeddings.position_embedding.cat", "cat", cls, t, dim=0, when=resize)
+    return b.op("clip.embeddings.position_embedding.view", "reshape", t, shape=(1, n * n + 1, width))
 
-    Returns the projected tokens (1, n*n, projector_out) and the token grid side n.
+
+# ---- one batch of views -------------------------------------------------------------------------
+
+def view(b: ScopeBuilder, side, patch=S.patch_size, cfg: VisionConfig = VISION, batch=1,
+         min_batch: int = 1) -> tuple[Tensor, sp.Expr]:
+    """`batch` views of side `side` through SAM, CLIP, fusion and projector (`min_batch`: see the
+    module docstring).
+
+    Returns the projected tokens (batch, n*n, projector_out) and the token grid side n.
     """
-    pixels = b.input("pixels", (1, cfg.sam.in_channels, side, side))
-    s = sam(b, pixels, patch, cfg)
+    pixels = b.input("pixels", (batch, cfg.sam.in_channels, side, side))
+    s = sam(b, pixels, patch, cfg, min_batch)
     c = clip(b, s, cfg)
     bsz, ch, n, _ = s.shape
     tokens = n * n

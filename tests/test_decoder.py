@@ -48,7 +48,7 @@ def test_small_lm_matches_reference_per_node(cfg, mode, grid, variants):
     assert all(r.predicted > 0 and r.measured == r.predicted for r in comp.rows)
     names = {r.node for r in comp.rows}
     last = cfg.layers - 1
-    assert f"{PREFILL}.layers.{last}.mlp.experts.{{gate_proj,up_proj}}" in names
+    assert f"{PREFILL}.layers.{last}.mlp.experts.gate_up_proj" in names   # transformers' fused gate+up
     assert f"{DECODE}.layers.{last}.self_attn.scores" in names
     assert (f"{PREFILL}.layers.0.self_attn.rotary_emb" in names) == (variants.rope == "vendor")
     subtotals = {r.node: r for r in comp.subtotals}
@@ -152,7 +152,7 @@ def test_bad_variants():
 
 def test_node_names_and_vision_edge():
     g = model.model_graph(True, Variants())
-    for node in ("decoder.prefill.layers.3.self_attn.q_proj", "decoder.prefill.layers.3.mlp.experts.gate_proj",
+    for node in ("decoder.prefill.layers.3.self_attn.q_proj", "decoder.prefill.layers.3.mlp.experts.gate_up_proj",
                  "decoder.prefill.layers.3.mlp.gate", "decoder.prefill.layers.3.mlp.shared_experts.gate_proj",
                  "decoder.prefill.layers.0.mlp.gate_proj", "decoder.prefill.lm_head", "decoder.decode.lm_head",
                  "decoder.decode.layers.11.self_attn.cache_key", "decoder.prefill.embed_tokens",

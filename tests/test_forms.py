@@ -19,6 +19,8 @@ from costgraph.cost import METRICS  # noqa: E402
 from costgraph.evaluate import Compiled, substitute  # noqa: E402
 from graphs import deepseek_ocr as model  # noqa: E402
 from graphs.config import MODES  # noqa: E402
+from graphs.config import LM  # noqa: E402
+from graphs.decoder import prompt_length  # noqa: E402
 from graphs.layout import crops_run, layout_for_grid  # noqa: E402
 
 # every grid with w*h >= 2 up to 12 x 12 (beyond the layout's 9: the algebra must hold anyway),
@@ -28,10 +30,18 @@ TEXT = (0, 7, 300)
 OUTPUT = (1, 2, 1000)
 
 
+DTYPE_BYTES = (2, 4)
+
+
 def _points():
-    pts = list(itertools.product(GRIDS, TEXT, OUTPUT))
-    return {"w_crop": np.array([g[0] for g, _, _ in pts]), "h_crop": np.array([g[1] for g, _, _ in pts]),
-            "text_tokens": np.array([t for _, t, _ in pts]), "output_tokens": np.array([n for _, _, n in pts])}
+    pts = list(itertools.product(GRIDS, TEXT, OUTPUT, DTYPE_BYTES))
+    return {"w_crop": np.array([g[0] for g, *_ in pts]), "h_crop": np.array([g[1] for g, *_ in pts]),
+            "text_tokens": np.array([p[1] for p in pts]), "output_tokens": np.array([p[2] for p in pts]),
+            "dtype_bytes": np.array([p[3] for p in pts])}
+
+
+def _where(pts, mask):
+    return {k: v[mask] for k, v in pts.items()}
 
 
 def run(capsys, *argv):
@@ -69,7 +79,7 @@ def test_gundam_vision_coefficients_are_the_global_view_and_one_crop():
 def test_simplified_equals_general_on_every_grid_and_length(mode):
     m = MODES[mode]
     pts = _points()
-    general, simplified, no_crop = {}, {}, {}
+    general, simplified, excluded, needs_columns = {}, {}, {}, set()
     for scope in model.scopes_for(m):
         for metric in METRICS:
             g = forms.build("general", mode, scope, metric)
@@ -77,29 +87,41 @@ def test_simplified_equals_general_on_every_grid_and_length(mode):
             c = forms.build("coefficients", mode, scope, metric)
             assert s.is_polynomial and c.expr == s.expr
             assert not s.expr.has(sp.Piecewise, sp.floor, sp.ceiling)
-            general[f"{scope}:{metric}"] = g.expr
-            simplified[f"{scope}:{metric}"] = s.expr
-            # the excluded case is printed with its own value, which is the general one at 1x1
+            k = f"{scope}:{metric}"
+            general[k], simplified[k] = g.expr, s.expr
+            if "columns" in [a.name for a in s.assumptions]:
+                needs_columns.add(k)
+            # each excluded case is printed with its own value: the general form there
             for case, value in s.otherwise:
-                no_crop[f"{scope}:{metric}"] = value
+                excluded.setdefault(k, {})[case] = value
     ev_g = Compiled(general)(**pts)
     ev_s = Compiled(simplified)(**pts)
+    several_columns = pts["w_crop"] >= 2
     for k in general:
-        assert np.array_equal(ev_g[k], ev_s[k]), k
+        holds = several_columns if k in needs_columns else np.ones_like(several_columns)
+        assert np.array_equal(ev_g[k][holds], ev_s[k][holds]), k
         assert np.any(ev_g[k] != 0) or "crops" in k and not m.crop_mode, k
-    one = {k: v for k, v in pts.items()}
-    one.update(w_crop=np.ones_like(pts["w_crop"]), h_crop=np.ones_like(pts["h_crop"]))
     if m.crop_mode:
         # the scopes that see the crop indicator get a no-crop value (vision.global does not)
+        no_crop = {k: v["no-crop layout 1x1 (page within 640x640)"] for k, v in excluded.items()
+                   if "no-crop layout 1x1 (page within 640x640)" in v}
         assert set(no_crop) == {k for k, e in general.items() if e.has(crops_run())} >= {"vision:flops", "e2e:flops"}
+        one = dict(pts, w_crop=np.ones_like(pts["w_crop"]), h_crop=np.ones_like(pts["h_crop"]))
         at_one_g, at_one_nc = Compiled(general)(**one), Compiled(no_crop)(**one)
         at_one_s = Compiled(simplified)(**one)
         for k in no_crop:
             assert np.array_equal(at_one_g[k], at_one_nc[k]), k
         # and the simplified form alone would be wrong there: the assumption matters
         assert not np.array_equal(at_one_g["vision:flops"], at_one_s["vision:flops"])
+        # a single column of tiles (w_crop = 1, h_crop >= 2): its own printed value is the general form
+        single = {k: v["single column w_crop = 1"] for k, v in excluded.items() if "single column w_crop = 1" in v}
+        assert set(single) == needs_columns and needs_columns
+        col = _where(pts, pts["w_crop"] == 1)
+        at_col_g, at_col_c = Compiled(general)(**col), Compiled(single)(**col)
+        for k in single:
+            assert np.array_equal(at_col_g[k], at_col_c[k]), k
     # exact (sympy) spot checks beside the compiled ones
-    values = {S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.output_tokens: 1000}
+    values = {S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.output_tokens: 1000, S.dtype_bytes: 2}
     for k in general:
         assert substitute(general[k], values) == substitute(simplified[k], values), k
 
@@ -107,12 +129,12 @@ def test_simplified_equals_general_on_every_grid_and_length(mode):
 def _symbolic_points(multiple, ks=(1, 2), patches=(1, 2, 16), ratios=(1, 2, 4)):
     """Sizes that satisfy 'multiple of multiple*patch_size' for sampled patch sizes and ratios."""
     rows = []
-    for p, r, kb, kc, (w, h), t, n in itertools.product(patches, ratios, ks, ks, [(1, 2), (2, 3), (3, 3), (9, 1)],
-                                                       (0, 9), (1, 50)):
+    for p, r, kb, kc, (w, h), t, n, b in itertools.product(patches, ratios, ks, ks,
+                                                          [(1, 2), (2, 3), (3, 3), (9, 1)], (0, 9), (1, 50), (2, 4)):
         step = int(sp.sympify(multiple).subs({S.patch_size: p, S.downsample_ratio: r})) * p
-        rows.append((step * kb, step * kc, p, r, w, h, t, n))
+        rows.append((step * kb, step * kc, p, r, w, h, t, n, b))
     names = ["base_size", "image_size", "patch_size", "downsample_ratio", "w_crop", "h_crop", "text_tokens",
-             "output_tokens"]
+             "output_tokens", "dtype_bytes"]
     return {nm: np.array(col) for nm, col in zip(names, zip(*rows))}
 
 
@@ -124,8 +146,16 @@ def test_symbolic_simplified_equals_general_where_sizes_are_aligned(scope):
         assert s.is_polynomial and not s.expr.has(sp.floor, sp.ceiling, sp.Piecewise)
         multiple = forms.grid_multiple(g.expr)
         tiled = ["tiled"] if g.expr.has(crops_run()) else []
-        assert [a.name for a in s.assumptions] == tiled + [f"aligned-{multiple}"]
+        columns = ["columns"] if g.expr.has(model.stitch_copies()) else []
+        experts = ["experts"] if g.expr.has(sp.Min) else []
+        assert [a.name for a in s.assumptions] == tiled + columns + experts + [f"aligned-{multiple}"]
         pts = _symbolic_points(multiple)
+        if columns:
+            pts = _where(pts, pts["w_crop"] >= 2)
+        if experts:  # where every expert runs: k * prompt >= experts
+            prompt = Compiled({"L": prompt_length()})(**{k: v for k, v in pts.items() if k != "output_tokens"
+                                                          and k != "dtype_bytes"})["L"]
+            pts = _where(pts, LM.experts_per_token * prompt >= LM.routed_experts)
         ev = Compiled({"g": g.expr, "s": s.expr})(**{k: v for k, v in pts.items()})
         assert np.array_equal(ev["g"], ev["s"]) and np.any(ev["g"] > 0)  # decode is 0 for one output token
         exact = {S.BY_NAME[k]: int(v[5]) for k, v in pts.items()}

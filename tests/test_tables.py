@@ -57,7 +57,7 @@ def test_markdown_shows_scaled_values(capsys):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:5] == ["gundam", "2x3", "1x1024 + 6x640", "903", "856"]
     assert cells[-1] == f"{e2e / 1e9:,.1f}"
-    assert "**flops (x10^9) per page** (text_tokens=10, output_tokens=1000, attention=eager" in out
+    assert "**flops (x10^9) per page** (text_tokens=10, output_tokens=1000, dtype=bf16, attention=eager" in out
     base = next(l for l in out.splitlines() if l.startswith("| base |"))
     assert "| - |" in base  # no crop scope
 

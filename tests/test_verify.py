@@ -78,12 +78,13 @@ def test_every_costed_node_maps_to_existing_modules():
     assert used_rules == {p for p, _ in mapping.RULES}, "a rule no node uses"
 
 
-def test_shape_only_nodes_need_no_claim_and_costed_ones_do():
+def test_flopless_nodes_need_no_flop_claim_and_costed_ones_do():
     g = model.vision_graph(True)
     node = "vision.global.sam.blocks.0.norm1"
-    assert not mapping.has_cost(g, node)
-    assert mapping.claims_for("clip.transformer.layers.7.self_attn.qkv_proj") == tuple(
-        mapping.Claim(f"encoder.clip.encoder.layers.7.self_attn.{p}_proj", "linear") for p in "qkv")
+    assert not mapping.has_cost(g, node) and mapping.has_metrics(g, node)
+    # the vendor's fused CLIP qkv projection (the reference runs it fused too)
+    assert mapping.claims_for("clip.transformer.layers.7.self_attn.qkv_proj") == (
+        mapping.Claim("encoder.clip.encoder.layers.7.self_attn.qkv_proj", "linear"),)
     with pytest.raises(KeyError):
         mapping.claims_for("sam.blocks.0.attn.qkv_renamed")
 

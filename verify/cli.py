@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     q.add_argument("--scope", default="vision", help="what to verify: vision, decoder.prefill, decoder.decode, "
                    "decoder, e2e (default: %(default)s)")
     _add_lm_arguments(q)
+    _add_metric_arguments(q)
     q.add_argument("--max-num", type=int, default=MAX_CROPS, help="most crops (HF 9, vLLM 6)")
     q.add_argument("--json", action="store_true", help="JSON on stdout")
     q.add_argument("--report", metavar="FILE.md", help="also write a Markdown report (atomically)")
@@ -52,6 +53,34 @@ def _add_lm_arguments(q) -> None:
     q.add_argument("--lm-head", choices=list(LM_HEAD), default="all", help="LM scopes: prefill lm_head positions")
     q.add_argument("--rope", choices=list(ROPE), default="vendor",
                    help="LM scopes: vendor per-layer RoPE tables, or once per forward (transformers 5.x)")
+
+
+def _add_metric_arguments(q) -> None:
+    from costgraph.cli import METRIC_GROUPS
+    from graphs.config import DTYPES
+
+    q.add_argument("--metrics", default="flops", metavar="LIST",
+                   help=f"comma list of {', '.join(METRIC_GROUPS)}, or all (default: %(default)s). flops, "
+                        "elementwise_flops, bytes, kv_cache: exact, node by node (all but flops need --device cpu "
+                        "for the vision scope); params: every part of both references on meta, exact; "
+                        "activations: peak memory per stage, predicted vs measured (a ratio, not pass/fail)")
+    q.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="storage dtype of the vision CPU run and of the parameter bytes (default: fp32 for the "
+                        "vision reference, bf16 for the language model, as they run)")
+
+
+# `--metrics` group -> the metric names the comparisons take (verify.runner, verify.lm_profile)
+COMPARED = {"flops": ("flops",), "elementwise_flops": ("elementwise_flops",), "bytes": ("bytes_read", "bytes_written"),
+            "kv_cache": ("kv_cache_bytes",), "params": (), "activations": ()}
+LM_SCOPES = ("decoder.prefill", "decoder.decode", "decoder", "e2e")
+
+
+def _metrics(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(groups, the metric names passed to the node-by-node comparisons)."""
+    from costgraph.cli import parse_metrics
+
+    groups = parse_metrics(args.metrics)
+    return groups, tuple(dict.fromkeys(m for g in groups for m in COMPARED[g])) or ("flops",)
 
 
 def _lm_extra(args) -> dict:
@@ -77,9 +106,13 @@ def _request(args):
         raise UserError(f"--max-num must be at least 2, got {args.max_num}")
     if args.image and not os.path.isfile(args.image):
         raise UserError(f"no such image file: {args.image}")
+    groups, compared = _metrics(args)
+    extra = {**_lm_extra(args), "metrics": compared}
+    if args.dtype:
+        extra["dtype"] = args.dtype
     return Request(modes=modes, device=args.device, image=args.image, size=args.size, grid=args.grid,
                    all_grids=args.all_grids, max_num=args.max_num, progress=sys.stderr.isatty(),
-                   extra=_lm_extra(args))
+                   extra=extra, metrics=compared, dtype=args.dtype or "fp32")
 
 
 def _command(args) -> str:
@@ -95,6 +128,7 @@ def _command(args) -> str:
     if args.scope != "vision":
         parts += ["--text-tokens", str(args.text_tokens), "--decode-steps", str(args.decode_steps),
                   "--attention", args.attention, "--lm-head", args.lm_head, "--rope", args.rope]
+    parts += ["--metrics", args.metrics] + (["--dtype", args.dtype] if args.dtype else [])
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -116,20 +150,114 @@ def cmd_verify(args) -> int:
     if args.symbolic:
         return _symbolic(args)
     req = _request(args)
+    groups, _ = _metrics(args)
     t = time.perf_counter()
     comps = VERIFIERS[args.scope](req)
+    if "params" in groups:
+        from .weights import compare_params
+
+        comps.append(compare_params(True, args.dtype or "bf16"))
+    peaks = _peak_memory(args, req) if "activations" in groups else None
     seconds = time.perf_counter() - t
-    run = {"seconds": round(seconds, 3), "device": args.device, "scope": args.scope}
+    run = {"seconds": round(seconds, 3), "device": args.device, "scope": args.scope, "metrics": list(groups)}
+    not_checked = _not_checked(args, groups)
+    if not_checked:
+        run["not_checked"] = not_checked
     if args.device == "cpu":
         run["peak_rss_mib"] = peak_rss_mib()
     footer = f"run time {seconds:.1f} s" + (f", peak RSS {run['peak_rss_mib']:,} MiB" if args.device == "cpu" else "")
+    peak_text = _peak_text(peaks) if peaks is not None else ""
     if args.report:
-        write_atomic(args.report, report.markdown(comps, command=_command(args), footer=footer))
+        write_atomic(args.report, report.markdown(comps, command=_command(args), footer=footer)
+                     + (f"\n## Peak activation memory\n\n```\n{peak_text}\n```\n" if peak_text else ""))
     if args.json:
-        print(json.dumps(report.to_json(comps, {"run": run}), indent=1))
+        extra = {"run": run, **({"peak_memory": peaks} if peaks is not None else {})}
+        print(json.dumps(report.to_json(comps, extra), indent=1))
     else:
         print(report.text(comps, footer=footer))
+        if peak_text:
+            print(peak_text)
+        for what, why in not_checked.items():
+            print(f"not checked: {what}: {why}")
     return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
+
+
+def _not_checked(args, groups) -> dict[str, str]:
+    """Metrics asked for that this scope and device cannot compare, and why (never a silent pass)."""
+    out = {}
+    if "kv_cache" in groups and args.scope not in LM_SCOPES:
+        out["kv_cache"] = "the KV cache is the language model's: --scope decoder.prefill, decoder.decode, decoder or e2e"
+    if args.device == "meta" and args.scope in ("vision", "e2e"):
+        for g in ("elementwise_flops", "bytes"):
+            if g in groups:
+                out[f"{g} (vision)"] = "defined on real CPU kernels: --device cpu"
+    return out
+
+
+PEAK_NOTE = ("peak activation memory is reported, not checked: the graph frees a tensor after its last "
+             "consumer and sees no scratch memory inside an op; the run frees it when Python drops its last "
+             "reference (see verify/memory.py)")
+
+
+def _peak_memory(args, req) -> dict:
+    """Predicted (costgraph.liveness) vs measured (verify.memory.LiveBytes) peak per stage."""
+    from graphs.layout import layout_for, layout_for_grid
+    from . import memory
+    from .preprocess import random_views, views_from_file
+    from .reference import build_page_reference
+    from .runner import TORCH_DTYPES
+
+    out = {"note": PEAK_NOTE, "cases": []}
+    for mode in req.modes:
+        if req.image:
+            from graphs import deepseek_ocr as model_graph
+            layout = model_graph.layout_for_image(req.image, mode, req.max_num)
+        elif req.grid:
+            layout = layout_for_grid(*req.grid, mode)
+        elif req.size:
+            layout = layout_for(*req.size, mode, max_num=req.max_num)
+        else:
+            out["skipped"] = "peak memory is measured for one page (--image, --size or --grid), not --all-grids"
+            break
+        case = {"mode": mode.name, "grid": f"{layout.w_crop}x{layout.h_crop}", "stages": []}
+        if args.scope in ("vision", "e2e"):
+            if args.device != "cpu":
+                case["vision_skipped"] = "the vision peak needs a real run: --device cpu"
+            else:
+                dtype = args.dtype or "fp32"
+                views = views_from_file(req.image, mode, req.max_num) if req.image else random_views(mode, layout)
+                model = build_page_reference("cpu", TORCH_DTYPES[dtype])
+                case["vision_dtype"] = dtype
+                case["stages"] += [r.as_dict() for r in memory.vision_peaks(views.to(TORCH_DTYPES[dtype]), model)]
+                del model
+        if args.scope in LM_SCOPES:
+            lm = _lm_extra(args)
+            case["lm_dtype"] = "bf16"
+            case["stages"] += [r.as_dict() for r in memory.lm_peaks(mode, layout, lm["text_tokens"],
+                                                                     lm["decode_steps"], lm["variants"])]
+        out["cases"].append(case)
+    return out
+
+
+def _peak_text(peaks: dict) -> str:
+    from costgraph.cli import table
+
+    lines = []
+    for case in peaks.get("cases", []):
+        rows = [[s["stage"], f"{s['predicted_bytes']:,}", f"{s['measured_bytes']:,}",
+                 "-" if s["ratio"] is None else f"{s['ratio']:.3f}", s["predicted_at"].split(".", 2)[-1],
+                 s["measured_at_op"]] for s in case["stages"]]
+        lines.append(f"peak activation memory, {case['mode']} {case['grid']} (measured / predicted):")
+        if rows:
+            lines.append(table(rows, ["stage", "predicted bytes", "measured bytes", "ratio", "predicted at",
+                                      "measured at op"]))
+        for k in ("vision_skipped",):
+            if k in case:
+                lines.append(f"  {case[k]}")
+    if "skipped" in peaks:
+        lines.append(peaks["skipped"])
+    lines.append(f"note: {peaks['note']}")
+    return "\n".join(lines)
 
 
 def _symbolic(args) -> int:

@@ -2,14 +2,31 @@
 forwards with a KV cache (`DynamicCache`), on CPU with random weights (the MoE router depends on
 the data, so the LM cannot run on `meta`).
 
-Every counted op is logged per call (`CallLog`: the innermost module, the outermost torch call,
-the aten op, its FLOPs) so two calls in one module are told apart: the attention's two matmuls
-in `self_attn` (scores first, then probabilities x values) and the routed experts' alternating
-fused gate+up and down projections (`transformers` fuses the vendor's per-expert `gate_proj` and
-`up_proj` into one `gate_up_proj`: the two graph nodes share one row).
+FLOPs: every counted op is logged per call (`CallLog`: the innermost module, the outermost torch
+call, the aten op, its FLOPs) so two calls in one module are told apart: the attention's two
+matmuls in `self_attn` (scores first, then probabilities x values) and the routed experts'
+alternating fused gate_up and down projections (`RULES`: one graph node per claim).
 
-Predicted values come from the graph the command line uses (`graphs.deepseek_ocr.model_graph`
-for the full configuration); the decode total is the closed-form summation at
+Elementwise FLOPs and bytes (with `metrics`): every aten op of the run is recorded by
+`verify.dispatch.MetricRecorder` under `costgraph.conventions`, and compared per reference module
+(`MODULES`): the nodes that run in one module form one group, predicted = the sum of their costs,
+measured = the sum of the module's ops (its own, not its children's). One node per module for
+the norms, projections, rotary tables, router parts, embedding, lm_head; several in
+`self_attn` (rotary application, cache updates, scores, scale, mask add, softmax with its casts,
+probabilities x values, head merge), in `mlp.experts` (the whole eager experts loop), in the
+MoE `mlp` (the shared add), in the decoder layer (the two residual adds) and in `model` (position
+ids and the causal mask). A recorded op with a non-zero metric in a module no node claims fails.
+
+Routing: the experts loop costs depend on how many distinct experts each MoE layer runs
+(`costgraph.symbols.experts_hit`). The graph checked here keeps it a symbol; each prefill layer
+is evaluated at the count its router produced (read from the router's top-k indices), a prefill
+total at the mean over the MoE layers (costs are linear in it). Decode forwards run exactly k.
+The counts and the command line's prediction (`graphs.decoder.experts_hit_bound`) are reported.
+
+KV cache: the bytes the `DynamicCache` holds after each forward against `kv_cache_bytes`.
+
+Predicted values come from the symbolic graph (`graphs.decoder.decoder_graph`, the same builder
+the command line's graph uses); the decode total is the closed-form summation at
 `output_tokens = steps + 1`, compared with the sum of the measured steps.
 
 The reference's structure decides the variants it can check: attention `eager` only (no CPU
@@ -19,23 +36,25 @@ see `verify.lm_reference`) or `once` (`transformers` 5.x unchanged).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import sympy as sp
 import torch
 
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph
 from graphs import deepseek_ocr as model_graph
-from graphs.config import LM, LMConfig, Mode
-from graphs.decoder import Variants, decoder_graph
+from graphs.config import DEFAULT_DTYPE, DTYPES, LM, LMConfig, Mode
+from graphs.decoder import Variants, decoder_graph, experts_hit_bound, kv_cache_bytes_per_token
 from graphs.layout import Layout, tokens_for
 from .compare import Comparison, Row
-from .mapping import has_cost
+from .dispatch import MetricRecorder
 from .profile import COMPUTE_OP, OpCounter
 from .lm_reference import LanguageModel, build_language_model, num_parameters
 
@@ -43,7 +62,7 @@ LINEAR, MATMUL = "linear", "matmul"
 ALL, EVEN, ODD = "all", "even", "odd"
 _L = "model.layers.{0}"
 
-# (node path within a forward, [(reference module template, torch call, which calls)]).
+# (node path within a forward, [(reference module template, torch call, which calls)]): FLOPs.
 # Which calls: ALL, an index into the module's calls of that torch call, EVEN or ODD.
 RULES: list[tuple[str, list[tuple[str, str, object]]]] = [
     (r"layers\.(\d+)\.self_attn\.([qkvo])_proj", [(_L + ".self_attn.{1}_proj", LINEAR, ALL)]),
@@ -52,13 +71,44 @@ RULES: list[tuple[str, list[tuple[str, str, object]]]] = [
     (r"layers\.(\d+)\.self_attn\.probs_values", [(_L + ".self_attn", MATMUL, 1)]),
     (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)", [(_L + ".mlp.{1}", LINEAR, ALL)]),
     (r"layers\.(\d+)\.mlp\.gate", [(_L + ".mlp.gate", LINEAR, ALL)]),
-    (r"layers\.(\d+)\.mlp\.experts\.(?:gate_proj|up_proj)", [(_L + ".mlp.experts", LINEAR, EVEN)]),
+    (r"layers\.(\d+)\.mlp\.experts\.gate_up_proj", [(_L + ".mlp.experts", LINEAR, EVEN)]),
     (r"layers\.(\d+)\.mlp\.experts\.down_proj", [(_L + ".mlp.experts", LINEAR, ODD)]),
     (r"layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)",
      [(_L + ".mlp.shared_experts.{1}", LINEAR, ALL)]),
     (r"lm_head", [("lm_head", LINEAR, ALL)]),
 ]
 _COMPILED = [(re.compile(p), claims) for p, claims in RULES]
+
+# (node path within a forward, the reference module whose own ops it is part of): the other metrics.
+# Module paths are relative to `LanguageModel`: "" is its own forward (the image scatter),
+# "<global>" the generation loop around it (the greedy argmax).
+MODULES: list[tuple[str, str]] = [
+    (r"embed_tokens", "model.embed_tokens"),
+    (r"image_scatter", ""),
+    (r"position_ids|attention_mask", "model"),
+    (r"rotary_emb", "model.rotary_emb"),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)", _L + ".{1}"),
+    (r"layers\.(\d+)\.self_attn\.(rotary_emb|[qkvo]_proj)", _L + ".self_attn.{1}"),
+    (r"layers\.(\d+)\.self_attn\.(?!rotary_emb$|[qkvo]_proj$)\w+", _L + ".self_attn"),
+    (r"layers\.(\d+)\.residual_(attn|mlp)", _L),
+    (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.{1}"),
+    (r"layers\.(\d+)\.mlp\.(mul|add_shared)", _L + ".mlp"),
+    (r"layers\.(\d+)\.mlp\.gate(\.\w+)?", _L + ".mlp.gate"),
+    (r"layers\.(\d+)\.mlp\.experts\.act_fn", _L + ".mlp.experts.act_fn"),
+    (r"layers\.(\d+)\.mlp\.experts\.(?!act_fn$)[\w.]+", _L + ".mlp.experts"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.shared_experts.{1}"),
+    (r"layers\.(\d+)\.mlp\.shared_experts\.mul", _L + ".mlp.shared_experts"),
+    (r"norm", "model.norm"),
+    (r"lm_head", "lm_head"),
+    (r"next_token", "<global>"),
+]
+_MODULES = [(re.compile(p), t) for p, t in MODULES]
+
+FLOPS = "flops"
+OTHER_METRICS = ("elementwise_flops", "bytes_read", "bytes_written")   # compared per module group
+KV_CACHE = "kv_cache_bytes"
+CHECKABLE = (FLOPS, *OTHER_METRICS, KV_CACHE)
+_ALIASES = {"bytes": ("bytes_read", "bytes_written"), "kv_cache": (KV_CACHE,), "all": CHECKABLE}
 
 Claim = tuple[str, str, object]   # (module, torch call, which)
 
@@ -69,6 +119,25 @@ def claims_for(path: str) -> tuple[Claim, ...]:
         raise KeyError(f"decoder node path {path!r} matches {len(hits)} mapping rules (need exactly 1)")
     m, claims = hits[0]
     return tuple((t.format(*m.groups()), call, which) for t, call, which in claims)
+
+
+def module_for(path: str) -> str:
+    """The reference module a node (by its path within a forward) runs in."""
+    hits = [(m, t) for rx, t in _MODULES if (m := rx.fullmatch(path))]
+    if len(hits) != 1:
+        raise KeyError(f"decoder node path {path!r} matches {len(hits)} module rules (need exactly 1)")
+    m, template = hits[0]
+    return template.format(*m.groups())
+
+
+def checked_metrics(names) -> tuple[str, ...]:
+    """The metrics this verifier checks: FLOPs always, plus those among `names` (aliases: bytes,
+    kv_cache, all), in CHECKABLE order; metrics checked elsewhere (params, activations) are left
+    to their verifiers."""
+    want = {FLOPS}
+    for n in names:
+        want.update(_ALIASES.get(n, (n,)))
+    return tuple(m for m in CHECKABLE if m in want)
 
 
 def _claim_text(c: Claim) -> str:
@@ -118,23 +187,51 @@ class LMRun:
     prompt_tokens: int
     steps: int
     calls: list[Call] = field(default_factory=list)
+    ops: list = field(default_factory=list)            # verify.dispatch.Call, with metrics (if recorded)
     blind: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)   # generated ids (the first from the prefill)
     seconds: dict[str, float] = field(default_factory=dict)
+    experts_hit: dict[int, dict[int, int]] = field(default_factory=dict)   # step -> MoE layer -> distinct experts
+    kv_cache_bytes: dict[int, int] = field(default_factory=dict)          # step -> bytes the cache holds after it
+
+
+@contextlib.contextmanager
+def _router_log(model: LanguageModel):
+    """Each MoE layer's top-k indices, per forward, kept by forward hooks (a reference: no op runs)."""
+    log: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None or not hasattr(gate, "top_k"):
+            continue
+        log[i] = []
+        handles.append(gate.register_forward_hook(lambda mod, args, out, i=i: log[i].append(out[2])))
+    try:
+        yield log
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, decode_steps: int,
                   lm_head: str = "all", image_features: torch.Tensor | None = None, seed: int = 0,
-                  progress: bool = False) -> LMRun:
+                  progress: bool = False, metrics: bool = False) -> LMRun:
     """Greedy generation of decode_steps + 1 tokens: the prefill, then decode_steps forwards of one token.
 
     The prompt is [BOS] + image slots + text (random ids); the image slots' embeddings are
-    replaced by `image_features` (the vision output, or random: FLOPs do not depend on it).
+    replaced by `image_features` (the vision output, or random: FLOPs do not depend on it), cast
+    to the model dtype beforehand (the vendor's vision tower runs in it). `metrics`: also record
+    every aten op with elementwise FLOPs and bytes (`verify.dispatch.MetricRecorder`).
     """
     from transformers import DynamicCache
     from tqdm import tqdm
 
     cfg = model.cfg
+    dtype = model.lm_head.weight.dtype
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab, (1, prompt_tokens), generator=gen)
     ids[0, 0] = 0
@@ -144,22 +241,31 @@ def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, de
         image_features = torch.randn(image_slots, cfg.hidden, generator=gen)
     if tuple(image_features.shape) != (image_slots, cfg.hidden):
         raise ValueError(f"image features {tuple(image_features.shape)} do not fill {image_slots} slots")
+    image_features = image_features.to(dtype)
     run = LMRun(prompt_tokens, decode_steps)
     log = CallLog()
+    rec = MetricRecorder() if metrics else None
     cache = DynamicCache(config=model.model.config)
-    with log, torch.no_grad():
+    with _router_log(model) as routes, log, (rec if rec is not None else contextlib.nullcontext()), \
+            torch.no_grad():
         for step in tqdm(range(decode_steps + 1), desc="LM forwards", disable=not progress):
             t = time.perf_counter()
-            with log.section(section(step)):
+            tagged = rec.section(section(step)) if rec is not None else contextlib.nullcontext()
+            with log.section(section(step)), tagged:
                 if step == 0:
                     logits = model(ids, cache, slots, image_features, lm_head)
                 else:
                     logits = model(nxt, cache)
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
-            run.tokens.append(int(nxt))
             run.seconds[section(step)] = round(time.perf_counter() - t, 3)
+            run.tokens.append(int(nxt))
+            run.kv_cache_bytes[step] = _cache_bytes(cache)
     run.calls = list(log.calls)
+    run.ops = list(rec.calls) if rec is not None else []
     run.blind = [f"{k[0]}:{k[1] or '<root>'} {k[2]}/{k[3]}" for k in log.uncounted if COMPUTE_OP.fullmatch(k[3])]
+    for layer, per_forward in routes.items():
+        for step, idx in enumerate(per_forward):
+            run.experts_hit.setdefault(step, {})[layer] = int(torch.unique(idx).numel())
     return run
 
 
@@ -178,43 +284,136 @@ def _pick(calls: list[Call], which) -> list[int]:
 
 @lru_cache(maxsize=None)
 def lm_graph(cfg: LMConfig, variants: Variants, crop_mode: bool) -> CostGraph:
-    """The graph whose decoder is checked: the command line's own for the full configuration."""
-    if cfg == LM:
-        return model_graph.model_graph(crop_mode, variants)
-    return decoder_graph(cfg, variants, crop_mode)
+    """The graph checked: the decoder builder of the command line's graph, with `experts_hit` kept
+    a symbol (the command line predicts it by `experts_hit_bound`)."""
+    return decoder_graph(cfg, variants, crop_mode, experts_hit=S.experts_hit)
 
 
-def _forward_groups(graph: CostGraph, scope: str) -> dict[tuple[Claim, ...], list[str]]:
-    """Costed nodes of one forward grouped by the reference calls they claim."""
+_TOTALS: dict[int, dict] = {}
+
+
+def _scope_totals(graph: CostGraph) -> dict:
+    """The graph's decoder scope totals (closed forms), computed once per graph."""
+    key = id(graph)
+    if key not in _TOTALS:
+        pre, dec = graph.total(PREFILL), graph.total(DECODE)
+        _TOTALS[key] = {PREFILL: pre, DECODE: dec, "decoder": pre + dec, "graph": graph}
+    return _TOTALS[key]
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _layer_of(graph: CostGraph, node: str) -> int | None:
+    m = _LAYER.match(graph.g.nodes[node]["path"])
+    return int(m.group(1)) if m else None
+
+
+def _flop_groups(graph: CostGraph, scope: str) -> dict[tuple[Claim, ...], list[str]]:
+    """Nodes of one forward with matmul FLOPs, grouped by the reference calls they claim."""
     groups: dict[tuple[Claim, ...], list[str]] = defaultdict(list)
     for node in graph.nodes(scope):
-        if has_cost(graph, node):
+        if graph.cost(node).flops != 0:
             groups[claims_for(graph.g.nodes[node]["path"])].append(node)
     return groups
+
+
+def _module_groups(graph: CostGraph, scope: str, metrics) -> dict[str, list[str]]:
+    """Nodes of one forward costing something in `metrics`, grouped by the reference module they run in."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for node in graph.nodes(scope):
+        cost = graph.cost(node)
+        if any(cost[m] != 0 for m in metrics):
+            groups[module_for(graph.g.nodes[node]["path"])].append(node)
+    return groups
+
+
+def _value(expr, values: dict) -> int:
+    """Exact integer value: `xreplace` (fast: no simplification) where it yields an integer, else substitute."""
+    v = sp.sympify(expr).xreplace({k: sp.sympify(x) for k, x in values.items()})
+    return int(v) if v.is_Integer else substitute(expr, values)
 
 
 def _group_name(nodes: list[str]) -> str:
     if len(nodes) == 1:
         return nodes[0]
     head = nodes[0].rpartition(".")[0]
-    return f"{head}.{{{','.join(n.rpartition('.')[2] for n in nodes)}}}"
+    if all(n.startswith(head + ".") for n in nodes):
+        return f"{head}.{{{','.join(n[len(head) + 1:] for n in nodes)}}}"
+    return "{" + ",".join(nodes) + "}"
 
 
-def compare_lm(graph: CostGraph, values: dict, run: LMRun, scopes: tuple[str, ...] = (PREFILL, DECODE)
+def _hits_at(run: LMRun, step: int, layer: int | None) -> dict:
+    """experts_hit for a node: its layer's count in that forward (a layer without routing: none)."""
+    if layer is None or layer not in run.experts_hit.get(step, {}):
+        return {}
+    return {S.experts_hit: run.experts_hit[step][layer]}
+
+
+def _mean_hits(run: LMRun, step: int) -> dict:
+    per = run.experts_hit.get(step, {})
+    return {S.experts_hit: sp.Rational(sum(per.values()), len(per))} if per else {}
+
+
+def compare_lm(graph: CostGraph, values: dict, run: LMRun, scopes: tuple[str, ...] = (PREFILL, DECODE),
+               metrics: tuple[str, ...] = (FLOPS,), cfg: LMConfig = LM
                ) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
-    """Rows per node group and forward, subtotals, and the counted calls no node claims."""
+    """Rows per node group and forward, subtotals (the decoder totals first), and the measured
+    calls no node claims. The prefill is evaluated at the router's experts_hit counts."""
+    forwards = ([0] if PREFILL in scopes else []) + (list(range(1, run.steps + 1)) if DECODE in scopes else [])
+    rows: list[Row] = []
+    unclaimed: list[tuple[str, str, int]] = []
+    other = tuple(m for m in metrics if m in OTHER_METRICS)
+    if FLOPS in metrics:
+        r, u = _compare_flops(graph, values, run, forwards)
+        rows += r
+        unclaimed += u
+    if other:
+        r, u = _compare_modules(graph, values, run, forwards, other)
+        rows += r
+        unclaimed += u
+    unclaimed.sort()
+    measured = {(step, m): sum(getattr(c, m) for c in (run.calls if m == FLOPS else run.ops)
+                               if c.section == section(step))
+                for step in forwards for m in metrics if m != KV_CACHE}
+    at = {**values, S.output_tokens: run.steps + 1, **_mean_hits(run, 0)}
+    scope_total = _scope_totals(graph)
+    totals, parts = [], []
+    for m in (m for m in metrics if m != KV_CACHE):
+        if PREFILL in scopes and DECODE in scopes:
+            totals.append(Row("decoder", m, substitute(scope_total["decoder"][m], at),
+                              sum(measured[(s, m)] for s in forwards), "prefill + decode"))
+        if PREFILL in scopes:
+            parts.append(Row(PREFILL, m, substitute(scope_total[PREFILL][m], at), measured[(0, m)],
+                             "all recorded ops of the prefill forward"))
+        if DECODE in scopes and run.steps:
+            parts.append(Row(DECODE, m, substitute(scope_total[DECODE][m], at),
+                             sum(measured[(t, m)] for t in range(1, run.steps + 1)),
+                             f"closed-form sum over t = 1..{run.steps} (output_tokens = {run.steps + 1})"))
+            per_step = sp.Add(*[graph.cost(n)[m] for n in graph.nodes(DECODE)])
+            for t in range(1, run.steps + 1):
+                parts.append(Row(f"{DECODE}[t={t}]", m, _value(per_step, {**values, S.decode_step: t}),
+                                 measured[(t, m)], f"context {run.prompt_tokens + t}"))
+    if KV_CACHE in metrics:
+        per_token = kv_cache_bytes_per_token(cfg)
+        for step in forwards:
+            context = run.prompt_tokens + step
+            parts.append(Row(f"{section(step)}.kv_cache", KV_CACHE, substitute(per_token * context, values),
+                             run.kv_cache_bytes[step], f"DynamicCache tensors after the forward: {context} tokens"))
+    return rows, totals + parts, unclaimed
+
+
+def _compare_flops(graph, values, run, forwards):
     by_key: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
     for c in run.calls:
         by_key[(c.section, c.module, c.call)].append(c)
     claimed: set[int] = set()
     rows: list[Row] = []
-    measured_step: dict[int, int] = {}
-    forwards = ([0] if PREFILL in scopes else []) + (list(range(1, run.steps + 1)) if DECODE in scopes else [])
     for step in forwards:
         scope, sec = (PREFILL if step == 0 else DECODE), section(step)
         at = {**values, S.decode_step: step}
-        for claims, nodes in _forward_groups(graph, scope).items():
-            predicted = sum(substitute(graph.cost(n).flops, at) for n in nodes)
+        for claims, nodes in _flop_groups(graph, scope).items():
+            predicted = sum(_value(graph.cost(n).flops, at) for n in nodes)
             got = 0
             for module, call, which in claims:
                 calls = by_key[(sec, module, call)]
@@ -222,29 +421,41 @@ def compare_lm(graph: CostGraph, values: dict, run: LMRun, scopes: tuple[str, ..
                     got += calls[i].flops
                     claimed.add(id(calls[i]))
             ref = "; ".join(map(_claim_text, claims))
-            rows.append(Row(_group_name(nodes), "flops", predicted, got, ref if step == 0 else f"t={step}: {ref}"))
-        measured_step[step] = sum(c.flops for c in run.calls if c.section == sec)
+            rows.append(Row(_group_name(nodes), FLOPS, predicted, got, ref if step == 0 else f"t={step}: {ref}"))
     compared = {section(step) for step in forwards}
-    unclaimed = sorted((f"{c.section}:{c.module or '<root>'}", f"{c.call}/{c.op}", c.flops)
-                       for c in run.calls if c.flops and c.section in compared and id(c) not in claimed)
-    # subtotals: the prefill, each decode step, and the closed-form decode sum over the steps run
-    at = {**values, S.output_tokens: run.steps + 1}
-    subtotals: list[Row] = []
-    if PREFILL in scopes:
-        subtotals.append(Row(PREFILL, "flops", substitute(graph.total(PREFILL).flops, at), measured_step[0],
-                             "all counted ops of the prefill forward"))
-    if DECODE in scopes and run.steps:
-        decode_total = substitute(graph.total(DECODE).flops, at)
-        subtotals.append(Row(DECODE, "flops", decode_total, sum(measured_step[t] for t in range(1, run.steps + 1)),
-                             f"closed-form sum over t = 1..{run.steps} (output_tokens = {run.steps + 1})"))
-        for t in range(1, run.steps + 1):
-            per_step = sum(substitute(graph.cost(n).flops, {**values, S.decode_step: t}) for n in graph.nodes(DECODE))
-            subtotals.append(Row(f"{DECODE}[t={t}]", "flops", per_step, measured_step[t],
-                                 f"context {run.prompt_tokens + t}"))
-    if PREFILL in scopes and DECODE in scopes:
-        subtotals.insert(0, Row("decoder", "flops", substitute(graph.total("decoder").flops, at),
-                                sum(measured_step.values()), "prefill + decode"))
-    return rows, subtotals, unclaimed
+    unclaimed = [(f"{c.section}:{c.module or '<root>'}", f"{c.call}/{c.op}", c.flops)
+                 for c in run.calls if c.flops and c.section in compared and id(c) not in claimed]
+    return rows, unclaimed
+
+
+def _compare_modules(graph, values, run, forwards, metrics):
+    """Per (forward, reference module): the sum of the module's nodes against the sum of its own ops."""
+    measured: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for c in run.ops:
+        for m in metrics:
+            measured[(c.section, c.module)][m] += getattr(c, m)
+    rows: list[Row] = []
+    claimed: set[tuple[str, str]] = set()
+    for step in forwards:
+        scope, sec = (PREFILL if step == 0 else DECODE), section(step)
+        for module, nodes in _module_groups(graph, scope, metrics).items():
+            claimed.add((sec, module))
+            layer = _layer_of(graph, nodes[0])
+            at = {**values, S.decode_step: step, **_hits_at(run, step, layer)}
+            for m in metrics:
+                predicted = sum(_value(graph.cost(n)[m], at) for n in nodes)
+                got = measured[(sec, module)][m]
+                if predicted or got:
+                    ref = f"{module or '<root>'} (all its own ops)"
+                    rows.append(Row(_group_name(nodes), m, predicted, got, ref if step == 0 else f"t={step}: {ref}"))
+    compared = {section(step) for step in forwards}
+    unclaimed = []
+    for (sec, module), got in measured.items():
+        if sec in compared and (sec, module) not in claimed:
+            for m in metrics:
+                if got[m]:
+                    unclaimed.append((f"{sec}:{module or '<root>'}", m, got[m]))
+    return rows, unclaimed
 
 
 @dataclass
@@ -259,6 +470,7 @@ class LMRequest:
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
     progress: bool = False
+    metrics: tuple[str, ...] = (FLOPS,)
 
 
 def check_request(req: LMRequest) -> None:
@@ -268,10 +480,17 @@ def check_request(req: LMRequest) -> None:
     model_graph.sequence_values(req.text_tokens, req.decode_steps + 1)
 
 
+_DTYPE_BYTES = {torch.bfloat16: DTYPES["bf16"], torch.float32: DTYPES["fp32"]}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def verify_lm(req: LMRequest, scopes: tuple[str, ...] = (PREFILL, DECODE), image_features=None,
               model: LanguageModel | None = None) -> Comparison:
     """Build (or take) the reference, generate decode_steps + 1 tokens, compare per node."""
     check_request(req)
+    if req.dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unsupported reference dtype {req.dtype} (bfloat16 or float32)")
+    metrics = checked_metrics(req.metrics)
     t0 = time.perf_counter()
     graph = lm_graph(req.cfg, req.variants, req.mode.crop_mode)
     slots = tokens_for(req.layout, req.mode)["total"]
@@ -280,17 +499,26 @@ def verify_lm(req: LMRequest, scopes: tuple[str, ...] = (PREFILL, DECODE), image
         model = build_language_model(req.cfg, req.dtype, attention="eager", rope=req.variants.rope, seed=req.seed)
     built = time.perf_counter() - t0
     run = run_reference(model, prompt, slots, req.decode_steps, req.variants.lm_head, image_features, req.seed,
-                        req.progress)
+                        req.progress, metrics=any(m != FLOPS for m in metrics))
     values = {**model_graph.mode_values(req.mode), **model_graph.layout_values(req.layout),
-              S.text_tokens: req.text_tokens}
-    rows, subtotals, unclaimed = compare_lm(graph, values, run, scopes)
+              S.text_tokens: req.text_tokens, S.dtype_bytes: _DTYPE_BYTES[req.dtype]}
+    rows, subtotals, unclaimed = compare_lm(graph, values, run, scopes, metrics, req.cfg)
     grid = f"{req.layout.w_crop}x{req.layout.h_crop}" if req.layout.tiled else "no crops"
+    bound = int(experts_hit_bound(req.cfg, prompt))
+    prefill_hits = run.experts_hit.get(0, {})
     info = {"mode": req.mode.name, "layout": req.layout.as_dict(), "grid": grid, "device": "cpu",
             "prompt_tokens": prompt, "image_tokens": slots, "text_tokens": req.text_tokens,
             "decode_steps": req.decode_steps, "generated": run.tokens, "variants": req.variants.as_dict(),
-            "dtype": str(req.dtype).replace("torch.", ""), "parameters": num_parameters(model),
+            "dtype": str(req.dtype).replace("torch.", ""), "metrics": list(metrics),
+            "parameters": num_parameters(model),
             "router_dtype": str(model.model.layers[-1].mlp.gate.weight.dtype).replace("torch.", "")
             if req.cfg.layers > req.cfg.dense_layers else None,
+            "experts_hit": {"prefill": {str(k): v for k, v in prefill_hits.items()},
+                            "decode": sorted({v for s in range(1, run.steps + 1)
+                                              for v in run.experts_hit.get(s, {}).values()}),
+                            "predicted_bound": bound,
+                            "bound_attained": all(v == bound for v in prefill_hits.values())},
+            "kv_cache_bytes": {section(s): b for s, b in run.kv_cache_bytes.items()},
             "build_seconds": round(built, 3), "forward_seconds": run.seconds,
             "seconds": round(time.perf_counter() - t0, 3)}
     title = f"{req.mode.name} {req.layout.width}x{req.layout.height} ({grid}) LM {'+'.join(scopes)}"
@@ -302,11 +530,27 @@ def verify_lm(req: LMRequest, scopes: tuple[str, ...] = (PREFILL, DECODE), image
 DECODE_STEPS = 3   # decode forwards a verification runs by default (t = 1..3)
 
 
+def _request_metrics(req) -> tuple[str, ...]:
+    return tuple(req.extra.get("metrics", getattr(req, "metrics", (FLOPS,))))
+
+
+def _request_dtype(req) -> str:
+    """The storage dtype of the run: the request's when metrics beyond FLOPs are checked (they depend
+    on it); for FLOPs alone the vendor's bf16 (FLOPs do not depend on it; half the memory of fp32)."""
+    if checked_metrics(_request_metrics(req)) == (FLOPS,):
+        return DEFAULT_DTYPE
+    dtype = req.extra.get("dtype", getattr(req, "dtype", DEFAULT_DTYPE))
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return dtype
+
+
 def _lm_request(req, mode: Mode, layout: Layout) -> LMRequest:
     extra = req.extra
     return LMRequest(mode, layout, text_tokens=extra.get("text_tokens", model_graph.DEFAULT_TEXT_TOKENS),
                      decode_steps=extra.get("decode_steps", DECODE_STEPS),
-                     variants=extra.get("variants", Variants()), progress=req.progress)
+                     variants=extra.get("variants", Variants()), progress=req.progress,
+                     metrics=_request_metrics(req), dtype=TORCH_DTYPES[_request_dtype(req)])
 
 
 def _page_cases(req) -> list[tuple[Mode, Layout]]:
@@ -357,25 +601,59 @@ def verify_e2e(req) -> list[Comparison]:
             views = views.to("meta") if req.device == "meta" else views
         else:
             views = meta_views(mode, layout) if req.device == "meta" else random_views(mode, layout)
-        page = runner.meta_page_reference() if req.device == "meta" else runner.build_page_reference("cpu")
-        measured, seq = runner.measure_page(views, page)
-        vision = runner.compare_page(views, measured, int(seq.shape[0]), time.perf_counter() - t)
+        dtype = _request_dtype(req)
+        if req.device == "meta" or checked_metrics(lm.metrics) == (FLOPS,):
+            page = runner.meta_page_reference() if req.device == "meta" else runner.build_page_reference("cpu")
+            measured, seq = runner.measure_page(views, page)
+            vision = runner.compare_page(views, measured, int(seq.shape[0]), time.perf_counter() - t)
+        else:   # elementwise FLOPs and bytes: a real CPU run in the storage dtype, every aten op recorded
+            page = runner.build_page_reference("cpu", TORCH_DTYPES[dtype])
+            rec = MetricRecorder()
+            measured, seq = runner.measure_page(views.to(TORCH_DTYPES[dtype]), page, rec)
+            vision = runner.compare_page(views, measured, int(seq.shape[0]), time.perf_counter() - t, rec.calls,
+                                         dtype)
+            del rec
         del page
         features = seq.detach() if req.device == "cpu" else None
         dec = verify_lm(lm, (PREFILL, DECODE), image_features=features)
-        values = {**model_graph.layout_values(layout), S.text_tokens: lm.text_tokens,
-                  S.output_tokens: lm.decode_steps + 1}
-        e2e = Row(model_graph.E2E, "flops", substitute(model_graph.formula(mode, model_graph.E2E, "flops", lm.variants),
-                                                       values),
-                  vision.subtotals[0].measured + dec.subtotals[0].measured,
-                  f"vision + decoder (output_tokens = {lm.decode_steps + 1})")
+        e2e, at_bound = _e2e_rows(mode, layout, lm, vision, dec)
         info = {**dec.info, "vision_device": req.device, "vision_seconds": vision.info.get("seconds"),
                 "image_slots_from": "vision reference output" if features is not None else "random (meta vision)",
+                "e2e_command_line_prediction": at_bound,
                 "seconds": round(time.perf_counter() - t, 3)}
         title = f"{mode.name} {layout.width}x{layout.height} ({vision.info['grid']}) e2e"
-        out.append(Comparison(title, vision.rows + dec.rows, [e2e] + vision.subtotals + dec.subtotals,
+        out.append(Comparison(title, vision.rows + dec.rows, e2e + vision.subtotals + dec.subtotals,
                               vision.unclaimed + dec.unclaimed, vision.blind + dec.blind, info))
     return out
+
+
+def _e2e_rows(mode: Mode, layout: Layout, lm: LMRequest, vision: Comparison, dec: Comparison
+              ) -> tuple[list[Row], dict]:
+    """e2e = vision + decoder, for every metric both comparisons measured.
+
+    FLOPs do not depend on routing: predicted by the command line's own e2e formula. The other
+    metrics: the vision and decoder predictions checked above (the decoder at the routers'
+    experts_hit); what the command line predicts (experts_hit at its bound) is returned beside,
+    with its difference from the measurement (0 when every layer reached the bound).
+    """
+    values = {**model_graph.layout_values(layout), S.text_tokens: lm.text_tokens,
+              S.output_tokens: lm.decode_steps + 1, S.dtype_bytes: _DTYPE_BYTES[lm.dtype]}
+    rows, at_bound = [], {}
+    for m in checked_metrics(lm.metrics):
+        v = next((r for r in vision.subtotals if r.node == "vision" and r.metric == m), None)
+        d = next((r for r in dec.subtotals if r.node == "decoder" and r.metric == m), None)
+        if v is None or d is None:
+            continue
+        cli = substitute(model_graph.formula(mode, model_graph.E2E, m, lm.variants), values)
+        measured = v.measured + d.measured
+        note = f"vision + decoder (output_tokens = {lm.decode_steps + 1})"
+        if m == FLOPS:
+            rows.append(Row(model_graph.E2E, m, cli, measured, note + ": the command line's e2e formula"))
+        else:
+            rows.append(Row(model_graph.E2E, m, v.predicted + d.predicted, measured,
+                            note + ": experts_hit as the routers ran"))
+            at_bound[m] = {"predicted": cli, "measured": measured, "difference": measured - cli}
+    return rows, at_bound
 
 
 LM_VERIFIERS = {

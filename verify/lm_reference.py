@@ -11,8 +11,11 @@
   matmul FLOPs). The vendor recomputes them in every attention layer with a small matmul
   `inv_freq (pairs x 1) @ positions (1 x T)`. `rope="vendor"` gives each attention layer a
   `rotary_emb` submodule that recomputes the tables that way (same values) and feeds them to
-  the layer: the profiler then sees the vendor's per-layer matmul. `rope="once"` is
-  `transformers` unchanged.
+  the layer, and switches the model's own once-per-forward table off (the vendor has none): the
+  profiler then sees the vendor's per-layer work only. `rope="once"` is `transformers` unchanged.
+- Image slots: the vendor writes the image features into the embeddings in place
+  (`masked_scatter_`); so does `LanguageModel.forward`. The features must already be in the
+  model dtype (the vendor's vision tower runs in it; `verify.lm_profile` casts them beforehand).
 - Fast build of the 2.9B-parameter model: modules are created on `meta` (no storage, no random
   init), then given uninitialised CPU storage and filled by tiling one seeded random block per
   dtype (memory-bandwidth bound; the block length is prime, so no weight row repeats another).
@@ -51,18 +54,35 @@ def text_config(cfg: LMConfig = LM, attention: str = "eager"):
 
 
 class VendorRotary(nn.Module):
-    """Per-layer cos/sin as the vendor computes them: a matmul of inv_freq with the positions."""
+    """Per-layer cos/sin as the vendor computes them: a matmul of inv_freq with the positions.
 
-    def __init__(self, inv_freq: torch.Tensor):
+    The ops of `transformers` 4.4x's `LlamaRotaryEmbedding` (the rotary module of the Llama
+    attention the vendor's MHA configuration runs; the release pins transformers 4.46), in order,
+    in fp32: positions cast, inv_freq @ positions, transpose, cat, cos, sin, both tables times
+    `attention_scaling` (1.0 for default RoPE: still two multiplies, present since 4.45), casts
+    to the model dtype. Not read from the vendor code (unavailable here): if its transformers
+    predates the scaling, the two multiplies are 2 x T x head_dim elementwise FLOPs per layer
+    too many, and nothing else changes.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
         self.inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+        self.attention_scaling = attention_scaling
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         b = position_ids.shape[0]
         inv = self.inv_freq[None, :, None].float().expand(b, -1, 1)
         freqs = torch.matmul(inv, position_ids[:, None, :].float()).transpose(1, 2)  # (B, T, pairs): 2*pairs*T FLOPs
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def _no_tables(x, position_ids):
+    """The model-level rotary table, switched off in rope="vendor" (every layer makes its own)."""
+    return None, None
 
 
 def _use_vendor_rope(attn: nn.Module, inv_freq: torch.Tensor) -> None:
@@ -91,17 +111,21 @@ class LanguageModel(nn.Module):
         if rope == "vendor":
             for layer in self.model.layers:
                 _use_vendor_rope(layer.self_attn, self.model.rotary_emb.inv_freq)
+            self.model.rotary_emb.forward = _no_tables
 
     def forward(self, input_ids: torch.Tensor, cache, image_mask: torch.Tensor | None = None,
                 image_features: torch.Tensor | None = None, lm_head: str = "all") -> torch.Tensor:
         """One forward (prefill or decode) over the cache; returns the logits.
 
-        Prefill: the image slots' embeddings are replaced by the image features (the vendor's
-        masked_scatter). lm_head "all": every position (vendor HF), "last": the last one (vLLM).
+        Prefill: the image slots' embeddings are replaced by the image features in place (the
+        vendor's `masked_scatter_`; features in the model dtype). lm_head "all": every position
+        (vendor HF), "last": the last one (vLLM).
         """
         x = self.model.embed_tokens(input_ids)
         if image_features is not None:
-            x = x.masked_scatter(image_mask[..., None], image_features.to(x.dtype))
+            if image_features.dtype != x.dtype:
+                raise ValueError(f"image features are {image_features.dtype}, the model runs {x.dtype}")
+            x[0].masked_scatter_(image_mask[0, :, None], image_features)
         h = self.model(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state
         return self.lm_head(h if lm_head == "all" else h[:, -1:])
 

@@ -1,0 +1,207 @@
+"""Peak activation memory of a stage: a liveness pass over the graph in execution order.
+
+The nodes of a scope run in the order they were built (the vendor's order; it is checked to be
+a topological order of the data flow). A node's output (`activation_bytes`) is allocated when
+the node runs and freed after its last consumer has run; while node i runs, everything
+allocated before it and still needed at i or later is live, plus its own output. So
+
+    live(i) = sum of activation_bytes(b) over outputs b with  alloc(b) <= i <= last_use(b)
+    peak    = max_i live(i)
+
+Rules, all structural (no numbers are special-cased):
+- views (a node whose `activation_bytes` is 0: reshapes, slices, ...) own no storage: they alias
+  their first input, and their consumers keep that input's storage alive;
+- inputs (pixels, token ids, the KV cache of earlier steps, weights) are not activations: they
+  are excluded here and reported separately (weights: `costgraph.params`; KV cache: the LM's
+  `kv_cache_bytes`);
+- a tensor consumed outside the scope, or by nobody (a result), lives to the end of the stage;
+- a KV-cache update (`cache_update`: cat of the cache and the new keys or values) makes the new
+  cache: its output outlives the stage, and the old cache it read (an input) is released when it
+  returns, so live memory changes by (new - old) after it and holds both while it runs. Inputs
+  count 0, so that release is a negative term: a decode step's own peak is what it adds to the
+  memory that was live when it began (the cache of earlier steps is reported as the KV cache);
+- a batched scope (the crop branch: `multiplicity` = number of crops) holds every tensor that
+  many times over: its peak is multiplicity x the per-view peak. Scopes summed over an index (the
+  decode steps) run one after another: their peak is a function of the index (decode step `t`).
+
+Each live(i) is a sympy expression; the peak is `Max` over the distinct ones that are not
+dominated by another (a difference that is a non-negative polynomial). `Peak.evaluate` takes
+numpy arrays (`costgraph.evaluate.Compiled`: lambdified once, vectorised), never `subs` per point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import sympy as sp
+
+from .evaluate import Compiled
+
+END = float("inf")
+# Op kinds whose output takes the place of their first input (the KV cache grows by reallocation).
+REPLACES_FIRST_INPUT = ("cache_update",)
+
+
+@dataclass
+class Peak:
+    scope: str
+    factor: sp.Expr                           # the scope's batch multiplicity (1 for most)
+    candidates: list[tuple[sp.Expr, str]]     # (live bytes per execution, the node running then)
+    steps: int = 0                            # nodes scheduled
+    timeline: list[tuple[str, sp.Expr]] = field(default_factory=list, repr=False)
+
+    @property
+    def expr(self) -> sp.Expr:
+        """The peak as one expression: factor x Max(candidates)."""
+        exprs = [e for e, _ in self.candidates]
+        inner = exprs[0] if len(exprs) == 1 else sp.Max(*exprs, evaluate=False)
+        return self.factor * inner
+
+    @cached_property
+    def _compiled(self) -> Compiled:
+        exprs = {f"c{i}": e for i, (e, _) in enumerate(self.candidates)}
+        exprs["factor"] = self.factor
+        return Compiled(exprs)
+
+    @property
+    def args(self) -> list[str]:
+        return [s.name for s in self._compiled.args]
+
+    def evaluate(self, **values) -> tuple[np.ndarray, np.ndarray]:
+        """(peak bytes, index of the winning candidate) for arrays of symbol values (by name)."""
+        out = self._compiled(**values)
+        stack = np.stack(np.broadcast_arrays(*[out[f"c{i}"] for i in range(len(self.candidates))]))
+        arg = np.argmax(stack, axis=0)
+        return out["factor"] * np.max(stack, axis=0), arg
+
+    def at(self, values: dict) -> dict:
+        """The peak for one point: bytes and the node running at the peak."""
+        peak, arg = self.evaluate(**{(k.name if hasattr(k, "name") else k): v for k, v in values.items()})
+        return {"bytes": int(peak), "node": self.candidates[int(arg)][1]}
+
+
+def schedule(graph, scope: str) -> list[str]:
+    """The scope's nodes (sub-scopes included) in execution order: the build order, checked topological."""
+    nodes = graph.nodes(scope)
+    index = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        for p in graph.g.predecessors(n):
+            if p in index and index[p] > index[n]:
+                raise ValueError(f"build order is not an execution order: {p} feeds {n} but comes after it")
+    return nodes
+
+
+def _batch(graph, node: str, scope: str) -> sp.Expr:
+    """How many copies of the node's output one execution of `scope` holds: the batch
+    multiplicities of the scopes between the node and `scope`, `scope`'s own excluded."""
+    k = sp.Integer(1)
+    for s in graph.chain(graph.g.nodes[node]["scope"]):
+        if len(s.name) > len(scope) and s.sum_over is None:
+            k *= s.multiplicity
+    return k
+
+
+def liveness(graph, scope: str, keep_timeline: bool = False) -> Peak:
+    """Peak activation bytes of one execution of `scope` (times its batch multiplicity)."""
+    order = schedule(graph, scope)
+    index = {n: i for i, n in enumerate(order)}
+    data = graph.g.nodes
+    base: dict[str, str | None] = {}     # node -> the node owning its storage (None: not an activation)
+    size: dict[str, sp.Expr] = {}
+    for n in order:
+        if data[n]["kind"] == "input":
+            base[n] = None
+            continue
+        act = sp.sympify(data[n]["cost"].activation_bytes)
+        preds = list(graph.g.predecessors(n))
+        if act == 0 and preds:
+            first = _first_input(graph, n)
+            base[n] = base.get(first) if first in index else None
+        else:
+            base[n] = n
+            # expanded once: sums of expanded terms stay expanded (sympy combines like terms),
+            # which keeps the candidates cheap to compare
+            size[n] = sp.expand(act * _batch(graph, n, scope))
+    last: dict[str, float] = {b: index[b] for b in size}
+    for n in order:
+        b = base[n]
+        if b is None:
+            continue
+        succ = list(graph.g.successors(n))
+        if not succ or any(s not in index for s in succ):
+            last[b] = END
+        for s in succ:
+            if s in index and base.get(s) != b:  # a view of b extends b through its own consumers
+                last[b] = max(last[b], index[s])
+    replaced: dict[int, sp.Expr] = {}
+    for n in order:
+        if data[n]["kind"] in REPLACES_FIRST_INPUT and base[n] == n:
+            last[n] = END
+            first = _first_input(graph, n)
+            if data[first]["kind"] == "input":
+                replaced[index[n]] = sp.expand(_input_bytes(data[first]) * _batch(graph, first, scope))
+    frees = {}
+    for b, i in last.items():
+        if i != END:
+            frees.setdefault(int(i), []).append(b)
+    live: dict[str, sp.Expr] = {}
+    seen: dict[sp.Expr, str] = {}
+    timeline = []
+    for i, n in enumerate(order):
+        if base[n] == n:
+            live[n] = size[n]
+        if base[n] == n or i in frees:
+            expr = sp.Add(*live.values())
+            if keep_timeline:
+                timeline.append((n, expr))
+            seen.setdefault(expr, n)
+        for b in frees.get(i, ()):
+            live.pop(b, None)
+        if i in replaced:
+            live[f"released:{n}"] = -replaced[i]
+    factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
+    cands = _undominated(list(seen.items())) or [(sp.Integer(0), order[-1] if order else "")]
+    return Peak(scope, factor, cands, len(order), timeline)
+
+
+def _input_bytes(data: dict) -> sp.Expr:
+    return sp.Mul(*[sp.sympify(d) for d in data["out_shape"]]) * data["out_itemsize"]
+
+
+def _first_input(graph, node: str) -> str:
+    """The node's first input (edges keep insertion order; a repeated input is one edge)."""
+    return next(iter(graph.g.predecessors(node)))
+
+
+def _nonnegative(d: sp.Expr) -> bool:
+    """True when d >= 0 for every value of its (positive) symbols: a sum of non-negative terms.
+    `d` must be expanded (a difference of expanded expressions is: sympy combines like terms)."""
+    if d.is_number:
+        return bool(d >= 0)
+    for term in sp.Add.make_args(d):
+        coeff, rest = term.as_coeff_Mul()
+        if coeff < 0:
+            return False
+        for f in sp.Mul.make_args(rest):
+            b = f.base if isinstance(f, sp.Pow) else f
+            if not (b.is_nonnegative or isinstance(b, (sp.floor, sp.ceiling)) and b.args[0].is_nonnegative):
+                return False
+    return True
+
+
+def _undominated(cands: list[tuple[sp.Expr, str]]) -> list[tuple[sp.Expr, str]]:
+    """Drop every candidate some other candidate is provably >= to (keeps the earliest of equals).
+
+    Candidates come expanded (sums of expanded sizes), so a difference is a cheap Add."""
+    nums = [(e, n) for e, n in cands if e.is_number]
+    rest = [(e, e, n) for e, n in cands if not e.is_number]   # already expanded (see liveness)
+    if nums:
+        top = max(e for e, _ in nums)
+        rest.append(next((e, e, n) for e, n in nums if e == top))
+    keep: list[tuple[sp.Expr, sp.Expr, str]] = []
+    for x, e, n in rest:
+        if any(_nonnegative(f - x) for f, _, _ in keep):
+            continue  # a kept candidate is always >= this one (the earlier of equals stays)
+        keep = [k for k in keep if not _nonnegative(x - k[0])] + [(x, e, n)]
+    return [(e, n) for _, e, n in keep]
