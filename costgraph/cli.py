@@ -327,20 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_layout)
 
+    def page_args(q):
+        """One page (by size, image or grid) and what the language model runs for it."""
+        mode_arg(q)
+        g = q.add_mutually_exclusive_group(required=True)
+        g.add_argument("--size", type=parse_size, metavar="WxH")
+        g.add_argument("--image", metavar="PATH")
+        g.add_argument("--grid", type=parse_size, metavar="AxB", help="crop grid directly (1x1: no crops)")
+        max_num_arg(q)
+        q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                       help="prompt text after the image (default: %(default)s, an estimate of the OCR prompt)")
+        q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
+                       help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
+        variant_args(q)
+
     q = sub.add_parser("cost", help="layout and cost totals of one page")
-    mode_arg(q)
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--size", type=parse_size, metavar="WxH")
-    g.add_argument("--image", metavar="PATH")
-    g.add_argument("--grid", type=parse_size, metavar="AxB", help="crop grid directly (1x1: no crops)")
-    max_num_arg(q)
+    page_args(q)
     q.add_argument("--scope", action="append", metavar="SCOPE[,SCOPE...]",
                    help="repeatable or comma list (default: every scope of the mode)")
-    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
-                   help="prompt text after the image (default: %(default)s, an estimate of the OCR prompt)")
-    q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
-                   help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
-    variant_args(q)
     metrics_arg(q)
     dtype_arg(q)
     hardware_arg(q)
@@ -348,15 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_cost)
 
     q = sub.add_parser("roofline", help="roofline latency per stage and whether a generation fits, per hardware")
-    mode_arg(q)
-    g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--size", type=parse_size, metavar="WxH")
-    g.add_argument("--image", metavar="PATH")
-    g.add_argument("--grid", type=parse_size, metavar="AxB", help="crop grid directly (1x1: no crops)")
-    max_num_arg(q)
-    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
-    q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
-    variant_args(q)
+    page_args(q)
     dtype_arg(q)
     q.add_argument("--hardware", default="all", metavar="NAME[,NAME...]",
                    help="presets, this-machine (calibrates now) or all (default: %(default)s: every datasheet preset)")

@@ -9,7 +9,6 @@ module: the material the graph's formulas are written from.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.module_tracker import ModuleTracker
 
 from costgraph import conventions as C
-from .profile import _CallTags, _innermost
+from .profile import Sections, _CallTags, _innermost
 
 aten = torch.ops.aten
 FUSED_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -90,23 +89,14 @@ def op_metrics(func, args, kwargs, out) -> tuple[int, int, int]:
     return ew, read, wrote
 
 
-class MetricRecorder(TorchDispatchMode):
+class MetricRecorder(Sections, TorchDispatchMode):
     """Records every aten op of a run with its metrics; `section(label)` tags what runs now."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[Call] = []
-        self.section_label = ""
         self._modules = ModuleTracker()
         self._tags = _CallTags()
-
-    @contextlib.contextmanager
-    def section(self, label: str):
-        outer, self.section_label = self.section_label, label
-        try:
-            yield
-        finally:
-            self.section_label = outer
 
     def __enter__(self):
         self.calls.clear()
@@ -126,7 +116,7 @@ class MetricRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         ew, read, wrote = op_metrics(func, args, kwargs, out)
         self.calls.append(Call(
-            self.section_label, _innermost(self._modules.parents), self._tags.tag, func.overloadpacket.__name__,
+            self.scope, _innermost(self._modules.parents), self._tags.tag, func.overloadpacket.__name__,
             ew, read, wrote, tuple(tuple(t.shape) for t in _tensors(out)),
             tuple(tuple(t.shape) for t in _tensors((args, kwargs)))))
         return out

@@ -539,7 +539,8 @@ def _request_dtype(req) -> str:
     on it); for FLOPs alone the vendor's bf16 (FLOPs do not depend on it; half the memory of fp32)."""
     if checked_metrics(_request_metrics(req)) == (FLOPS,):
         return DEFAULT_DTYPE
-    dtype = req.extra.get("dtype", getattr(req, "dtype", DEFAULT_DTYPE))
+    # only an explicit --dtype (in `extra`): `Request.dtype` carries the vision-only default (fp32)
+    dtype = req.extra.get("dtype") or DEFAULT_DTYPE
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     return dtype

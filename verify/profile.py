@@ -75,7 +75,20 @@ def call_tag(func, args) -> str:
     return name
 
 
-class OpCounter(FlopCounterMode):
+class Sections:
+    """A label for what runs now (the runner's `section(...)`: the view batch, prefill, a decode step)."""
+    scope: str = ""
+
+    @contextlib.contextmanager
+    def section(self, scope: str):
+        outer, self.scope = self.scope, scope
+        try:
+            yield
+        finally:
+            self.scope = outer
+
+
+class OpCounter(Sections, FlopCounterMode):
     """FlopCounterMode that also records (scope, innermost module, torch call, aten op) -> FLOPs.
 
     `scope` is a label the runner sets with `section(...)` (the view batch being run).
@@ -88,14 +101,6 @@ class OpCounter(FlopCounterMode):
         self.uncounted: dict[Key, int] = defaultdict(int)  # calls of ops with no formula
         self.scope = ""
         self._tags = _CallTags()
-
-    @contextlib.contextmanager
-    def section(self, scope: str):
-        outer, self.scope = self.scope, scope
-        try:
-            yield
-        finally:
-            self.scope = outer
 
     def __enter__(self):
         self.records.clear()

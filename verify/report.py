@@ -11,7 +11,7 @@ def summary(comps: list[Comparison]) -> dict:
     return {"ok": all(c.ok for c in comps), "comparisons": len(comps),
             "nodes_compared": sum(c.nodes_compared for c in comps),
             "rows_compared": sum(len(c.rows) for c in comps),
-            "nonzero_rows": sum(c.info.get("nonzero_rows", 0) for c in comps),
+            "nonzero_rows": sum(1 for c in comps for r in c.rows if r.predicted or r.measured),
             "failing": sum(len(c.failures()) + len(c.unclaimed) + len(c.blind) for c in comps)}
 
 

@@ -162,7 +162,6 @@ def compare_page(views: Views, measured: Measured, slots: int, seconds: float = 
     blind = [f"{k[0]}:{k[1] or '<root>'} {k[2]}/{k[3]}" for k in measured.blind_spots()]
     grid = f"{layout.w_crop}x{layout.h_crop}" if layout.tiled else "no crops"
     info = {"mode": mode.name, "layout": layout.as_dict(), "grid": grid, "seconds": round(seconds, 3),
-            "nonzero_rows": sum(1 for r in rows if r.predicted or r.measured),
             "metrics": ["flops"] + (list(OP_METRICS) if calls is not None else []), "dtype": dtype}
     return Comparison(f"{mode.name} {layout.width}x{layout.height} ({grid})", rows, subtotals, unclaimed, blind, info)
 
