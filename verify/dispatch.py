@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.module_tracker import ModuleTracker
 
 from costgraph import conventions as C
-from .profile import Sections, _CallTags, _innermost
+from .profile import Sections, _innermost
 
 aten = torch.ops.aten
 FUSED_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu.default}
@@ -96,19 +96,16 @@ class MetricRecorder(Sections, TorchDispatchMode):
         super().__init__()
         self.calls: list[Call] = []
         self._modules = ModuleTracker()
-        self._tags = _CallTags()
 
     def __enter__(self):
         self.calls.clear()
         self._modules.__enter__()
-        self._tags.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            self._tags.__exit__(*exc)
             self._modules.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

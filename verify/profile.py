@@ -76,8 +76,23 @@ def call_tag(func, args) -> str:
 
 
 class Sections:
-    """A label for what runs now (the runner's `section(...)`: the view batch, prefill, a decode step)."""
+    """What runs now, for a dispatch mode to attribute its ops: a label set by the runner's
+    `section(...)` (the view batch, prefill, a decode step) and the outermost torch call (`_tags`)."""
     scope: str = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tags = _CallTags()
+
+    def __enter__(self):
+        self._tags.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._tags.__exit__(*exc)
 
     @contextlib.contextmanager
     def section(self, scope: str):
@@ -99,20 +114,11 @@ class OpCounter(Sections, FlopCounterMode):
         super().__init__(display=False, custom_mapping=EXTRA_FORMULAS)
         self.records: dict[Key, int] = defaultdict(int)
         self.uncounted: dict[Key, int] = defaultdict(int)  # calls of ops with no formula
-        self.scope = ""
-        self._tags = _CallTags()
 
     def __enter__(self):
         self.records.clear()
         self.uncounted.clear()
-        self._tags.__enter__()
         return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            self._tags.__exit__(*exc)
 
     def _key(self, func_packet) -> Key:
         return (self.scope, _innermost(self.mod_tracker.parents), self._tags.tag, str(func_packet))
