@@ -28,6 +28,7 @@ from typing import Callable
 import sympy as sp
 
 from . import symbols as S
+from .ops import prod
 
 ZERO = sp.Integer(0)
 # Node attrs that are node data for this module, not arguments of the cost formulas.
@@ -65,10 +66,6 @@ def register(*kinds: str):
     return deco
 
 
-def _prod(xs) -> sp.Expr:
-    return sp.Mul(*[sp.sympify(x) for x in xs])
-
-
 def _itemsize(inputs, attrs, default) -> sp.Expr:
     return sp.sympify(attrs.get("weight_itemsize", default))
 
@@ -93,7 +90,7 @@ def _normalized(inputs, attrs) -> sp.Expr:
     for key in ("normalized_shape", "channels", "num_features"):
         if key in attrs:
             v = attrs[key]
-            return _prod(v) if isinstance(v, (tuple, list)) else sp.sympify(v)
+            return prod(v) if isinstance(v, (tuple, list)) else sp.sympify(v)
     x = inputs[0]
     if attrs.get("channels_first") or attrs.get("data_format") == "channels_first" or attrs.get("dim") == 1:
         return sp.sympify(x[1])
@@ -127,7 +124,7 @@ def input_(inputs, attrs, out_itemsize) -> Weights:
     if param is None or param is False:
         return NONE
     shape = attrs["shape"] if param is True else tuple(param)
-    n = _prod(shape)
+    n = prod(shape)
     return Weights(n, _itemsize(inputs, attrs, out_itemsize), n)
 
 
