@@ -1,5 +1,6 @@
+"""`python -m costgraph`: the command line (`costgraph.app.cli`); an entry point, part of the app floor."""
 import sys
 
-from .cli import main
+from costgraph.app.cli import main
 
 sys.exit(main())

@@ -1,23 +1,26 @@
 """Closed forms for papers: general, simplified under stated assumptions, numeric coefficients by term.
 
-- general: the graph's exact total, floors, ceilings and the no-crop indicator included.
-- simplified: the same total under assumptions that make the floors, ceilings and the
-  indicator exact, which turns it into a polynomial in the layout (and sequence) symbols:
-    * tiled: w_crop*h_crop >= 2 (the vendor tiles into at least 2 crops; the 1x1 layout
-      means "no crops" and its value is printed beside the formula);
-    * aligned (symbolic sizes only): base_size and image_size are multiples of M*patch_size,
-      where M is the lcm of every divisor of the patch grid S/p found inside a floor or
-      ceiling (SAM's 14-token window, the two stride-2 convs: M = lcm(14, 2, 4) = 28).
-      A smaller `grid_multiple` (e.g. 4: sizes multiple of 64, true of every released mode)
-      keeps the window ceilings, which is where they matter.
+- general: the graph's exact total, floors, ceilings and the model's 0/1 indicators included.
+- simplified: the same total under assumptions that make the floors, ceilings and indicators
+  exact, which turns it into a polynomial in the model's term symbols. The assumptions are the
+  model's (`Model.form_rules`), applied in order by one pipeline for every metric; each says what
+  it assumes and gives the value of the case it excludes. The rule kinds:
+    * `IndicatorRule`: a 0/1 factor assumed 1 (e.g. an image is tiled, w*h >= 2;
+      a stitched grid is a copy, w >= 2); the excluded case is printed beside the form;
+    * `BoundRule`: min(N, k*L) = N for the numeric bounds of a data-dependent count (MoE: every
+      expert of a layer is hit by a long enough prompt);
+    * `AlignedRule` (symbolic sizes only): sizes are multiples of M*unit, where M is the lcm of
+      every divisor of the grid S/unit found inside a floor or ceiling (a 14-token window and
+      two stride-2 convs: M = lcm(14, 2, 4) = 28). A smaller `grid_multiple` keeps some ceilings.
 - coefficients: the simplified form of one mode, numbers collected by term
-  (constant, per crop, per crop row, per crop column, per text token, ...).
+  (constant, per tile, per tile row, per text token, ...).
 
 Each simplified form is checked equal to the general one where its assumptions hold
 (tests/test_forms.py).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -27,8 +30,6 @@ from . import render
 from . import symbols as S
 
 FORMS = ("general", "simplified", "coefficients")
-# A form is a polynomial in these; everything else (sizes, patch) lives in the coefficients.
-TERM_SYMBOLS = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,9 @@ class Assumption:
 
 @dataclass(frozen=True)
 class Term:
-    monomial: sp.Expr      # e.g. w_crop*h_crop; 1 for the constant
+    monomial: sp.Expr      # e.g. w*h; 1 for the constant
     coefficient: sp.Expr
-    name: str              # "constant", "per crop", "per crop row", ...
+    name: str              # "constant", "per tile", "per tile row", ...
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,19 @@ class Form:
     # Values where an assumption fails and the formula does not apply: (case, value).
     otherwise: tuple[tuple[str, sp.Expr], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # A form is a polynomial in these (the model's term symbols, in spelling order); everything
+    # else (sizes, patch) lives in the coefficients. Named products: ((w, h), "tile").
+    term_symbols: tuple = ()
+    term_groups: tuple = ()
+    latex_names: tuple = ()   # the model's own LaTeX for symbols it shares a name with another model
+
+    @property
+    def names(self) -> dict:
+        return dict(self.latex_names)
 
     @property
     def gens(self) -> list[sp.Symbol]:
-        return [s for s in TERM_SYMBOLS if self.expr.has(s)]
+        return [s for s in self.term_symbols if self.expr.has(s)]
 
     @property
     def is_polynomial(self) -> bool:
@@ -80,8 +90,9 @@ class Form:
         out = []
         for powers, coeff in poly.terms():
             mono = sp.Mul(*(g ** k for g, k in zip(gens, powers)))
-            out.append(Term(mono, sp.factor_terms(sp.expand(coeff)), term_name(dict(zip(gens, powers)))))
-        return sorted(out, key=_term_order)
+            out.append(Term(mono, sp.factor_terms(sp.expand(coeff)),
+                            term_name(dict(zip(gens, powers)), self.term_symbols, self.term_groups)))
+        return sorted(out, key=lambda t: _term_order(t, self.term_symbols, self.term_groups))
 
     # ---- text ---------------------------------------------------------------
     def lhs_latex(self) -> str:
@@ -92,9 +103,9 @@ class Form:
         cond = ",\\ ".join(a.latex for a in self.assumptions)
         cond = rf"\qquad \text{{for }} {cond}" if cond else ""
         if self.kind == "general":
-            return f"{self.lhs_latex()} = {render.latex(render.closed_form(self.expr))}"
+            return f"{self.lhs_latex()} = {render.latex(self._closed(), self.names)}"
         terms = self.terms()
-        parts = render.latex_terms([(t.monomial, t.coefficient) for t in terms])
+        parts = render.latex_terms([(t.monomial, t.coefficient) for t in terms], self.term_symbols, self.names)
         if self.kind == "simplified":
             return f"{self.lhs_latex()} = {render.latex_sum(parts)} {cond}".rstrip()
         # coefficients: one term per line, named
@@ -111,15 +122,16 @@ class Form:
         mode = f" ({self.mode})" if self.mode else ""
         lhs = f"{self.metric}[{self.scope}]{mode}"
         if self.kind == "general":
-            return f"{lhs} = {render.plain(render.closed_form(self.expr))}"
+            return f"{lhs} = {render.plain(self._closed())}"
         terms = self.terms()
         if self.kind == "simplified":
-            return f"{lhs} = {render.plain_terms([(t.monomial, t.coefficient) for t in terms])}"
-        rows = [[t.name, render.monomial_plain(t.monomial), render.plain(t.coefficient), _approx(t.coefficient)]
-                for t in terms]
-        from .cli import table
+            return f"{lhs} = {render.plain_terms([(t.monomial, t.coefficient) for t in terms], self.term_symbols)}"
+        rows = [[t.name, render.monomial_plain(t.monomial, self.term_symbols), render.plain(t.coefficient),
+                 _approx(t.coefficient)] for t in terms]
+        return f"{lhs}, collected by term:\n" + render.table(rows, ["term", "monomial", "coefficient", "approx"])
 
-        return f"{lhs}, collected by term:\n" + table(rows, ["term", "monomial", "coefficient", "approx"])
+    def _closed(self) -> sp.Expr:
+        return render.closed_form(self.expr, self.term_symbols, [g for g, _ in self.term_groups])
 
     def commentary(self) -> list[str]:
         """The assumptions, the excluded cases and the conventions, one line each."""
@@ -136,22 +148,18 @@ class Form:
                "otherwise": [{"case": c, "expression": render.plain(v)} for c, v in self.otherwise],
                "notes": list(self.notes)}
         if self.kind != "general":
-            out["terms"] = [{"term": t.name, "monomial": render.monomial_plain(t.monomial),
+            out["terms"] = [{"term": t.name, "monomial": render.monomial_plain(t.monomial, self.term_symbols),
                              "coefficient": render.plain(t.coefficient)} for t in self.terms()]
         return out
 
 
 def _approx(x) -> str:
-    from .cli import human
-
     x = sp.sympify(x)
-    return human(int(x)) if x.is_Integer else (f"{float(x):.6g}" if x.is_number else "")
+    return render.human(int(x)) if x.is_Integer else (f"{float(x):.6g}" if x.is_number else "")
 
 
 def _tex_text(name: str) -> str:
     """A term name inside \\text{}: powers and products in math mode."""
-    import re
-
     name = re.sub(r"\^(\d+)", r"$^{\1}$", name)
     return name.replace(" x ", r" $\times$ ")
 
@@ -162,166 +170,181 @@ def _tex(name: str) -> str:
 
 # ---- term names -----------------------------------------------------------------
 
-_FACTOR_NAMES = {S.w_crop: "crop column", S.h_crop: "crop row", S.text_tokens: "text token",
-                 S.output_tokens: "output token"}
+def term_name(powers: dict, term_symbols=(), term_groups=()) -> str:
+    """'constant', 'per tile' (a named product w*h), 'per tile row' (h), 'per tile^2 x text token', ..."""
+    from .symbols import SYMBOLS
 
-
-def term_name(powers: dict) -> str:
-    """'constant', 'per crop' (w*h), 'per crop row' (h), 'per crop^2 x text token', ..."""
     p = {s: int(k) for s, k in powers.items() if k}
     if not p:
         return "constant"
     parts = []
-    crops = min(p.get(S.w_crop, 0), p.get(S.h_crop, 0))
-    if crops:
-        parts.append("crop" + (f"^{crops}" if crops > 1 else ""))
-        p[S.w_crop] -= crops
-        p[S.h_crop] -= crops
-    for s in TERM_SYMBOLS:
+    for group, name in term_groups:
+        n = min(p.get(s, 0) for s in group)
+        if n:
+            parts.append(name + (f"^{n}" if n > 1 else ""))
+            for s in group:
+                p[s] -= n
+    for s in term_symbols:
         if p.get(s):
-            parts.append(_FACTOR_NAMES[s] + (f"^{p[s]}" if p[s] > 1 else ""))
+            info = SYMBOLS.get(s.name)
+            parts.append((info.term if info is not None and info.term else s.name) + (f"^{p[s]}" if p[s] > 1 else ""))
     return "per " + " x ".join(parts)
 
 
-def _term_order(t: Term):
-    """Constant, then by degree counting a crop (w*h) as one unit; within a degree: crop, crop row,
-    crop column, text token, output token (so the vision form reads constant + per crop)."""
+def _term_order(t: Term, term_symbols=(), term_groups=()):
+    """Constant, then by degree counting a named product (a tile, w*h) as one unit; within a degree:
+    the named products, then the term symbols in the model's order (a form reads constant +
+    per tile)."""
     p = {s: int(k) for s, k in t.monomial.as_powers_dict().items() if s.is_Symbol}
-    w, h = p.get(S.w_crop, 0), p.get(S.h_crop, 0)
-    crops = min(w, h)
-    units = (crops, h - crops, w - crops, p.get(S.text_tokens, 0), p.get(S.output_tokens, 0))
+    units = []
+    for group, _ in term_groups:
+        n = min(p.get(s, 0) for s in group)
+        units.append(n)
+        for s in group:
+            p[s] = p.get(s, 0) - n
+    units += [p.get(s, 0) for s in term_symbols]
     return (sum(units), tuple(-u for u in units))
 
 
 # ---- assumptions ----------------------------------------------------------------
 
-def assume_tiled(expr: sp.Expr):
-    """w_crop*h_crop >= 2: the crop indicator (0 for the 1x1 no-crop layout) is 1."""
-    from graphs.layout import crops_run
+@dataclass(frozen=True)
+class IndicatorRule:
+    """A 0/1 factor of the model assumed to be 1; the case it excludes is evaluated by substituting
+    `case_values` in order (the indicator then evaluates itself) and printed beside the form."""
+    indicator: sp.Expr
+    assumption: Assumption
+    case: str
+    case_values: tuple[tuple[sp.Expr, object], ...]
 
-    run = crops_run()
-    if not expr.has(run):
-        return expr, None, ()
-    a = Assumption("tiled", "w_crop*h_crop >= 2: the page is tiled (a side over 640 px); the 1x1 layout "
-                            "means no crops and is given separately",
-                   r"w_{\mathrm{crop}} h_{\mathrm{crop}} \geq 2")
-    no_crop = sp.expand(expr.subs({S.w_crop: 1, S.h_crop: 1}))
-    return expr.subs(run, 1), a, (("no-crop layout 1x1 (page within 640x640)", no_crop),)
+    def apply(self, expr: sp.Expr, multiple=None):
+        if not expr.has(self.indicator):
+            return expr, None, ()
+        other = expr
+        for old, new in self.case_values:
+            other = other.subs(old, new)
+        return self.assume(expr), self.assumption, ((self.case, sp.expand(other)),)
 
-
-def assume_columns(expr: sp.Expr):
-    """w_crop >= 2: stitching the crop batch into one grid copies it (a single column stays a view)."""
-    from graphs.deepseek_ocr import stitch_copies
-
-    copies = stitch_copies()
-    if not expr.has(copies):
-        return expr, None, ()
-    a = Assumption("columns", "w_crop >= 2: the stitched crop grid is a copy (a single column of tiles stays "
-                              "a view); the w_crop = 1 case is given separately",
-                   r"w_{\mathrm{crop}} \geq 2")
-    one_column = sp.expand(expr.subs(copies, 0).subs(S.w_crop, 1))
-    return expr.subs(copies, 1), a, (("single column w_crop = 1", one_column),)
+    def assume(self, expr: sp.Expr) -> sp.Expr:
+        return expr.subs(self.indicator, 1)
 
 
-def assume_every_expert(expr: sp.Expr):
-    """min(experts, k*tokens) = experts: the prompt routes at least one row per expert."""
-    bounds = [m for m in expr.atoms(sp.Min) if any(a.is_Number for a in m.args)]
-    if not bounds:
-        return expr, None
-    experts = sorted({int(a) for m in bounds for a in m.args if a.is_Number})
-    a = Assumption("experts", "every MoE layer's experts loop runs all "
-                              f"{', '.join(map(str, experts))} experts: min(experts, k*L) = experts, i.e. the prompt "
-                              "routes at least that many rows (any DeepSeek-OCR prompt: k*L >= 6*74 > 64)",
-                   r"\min(E, kL) = E")
-    return expr.subs({m: next(x for x in m.args if x.is_Number) for m in bounds}), a
+@dataclass(frozen=True)
+class BoundRule:
+    """min(N, k*L) = N for every numeric bound N of a data-dependent count; `words` says when it holds
+    (its `{values}` is filled with the bounds found)."""
+    name: str
+    words: str
+    latex: str
+
+    def _bounds(self, expr):
+        return [m for m in expr.atoms(sp.Min) if any(a.is_Number for a in m.args)]
+
+    def apply(self, expr: sp.Expr, multiple=None):
+        bounds = self._bounds(expr)
+        if not bounds:
+            return expr, None, ()
+        values = sorted({int(a) for m in bounds for a in m.args if a.is_Number})
+        a = Assumption(self.name, self.words.format(values=", ".join(map(str, values))), self.latex)
+        return self.assume(expr), a, ()
+
+    def assume(self, expr: sp.Expr) -> sp.Expr:
+        return expr.subs({m: next(x for x in m.args if x.is_Number) for m in self._bounds(expr)})
 
 
-def grid_multiple(expr: sp.Expr) -> sp.Expr | None:
-    """lcm of the divisors applied to the patch grid S/p inside floors and ceilings (None: none found)."""
-    sizes = [s for s in S.SIZES if expr.has(s)]
-    grids = {s: sp.Dummy(f"g_{s.name}", integer=True, positive=True) for s in sizes}
-    e = expr.subs({s: S.patch_size * g for s, g in grids.items()})
-    divisors = []
-    for atom in e.atoms(sp.floor, sp.ceiling):
-        if atom.free_symbols & set(grids.values()):
-            divisors.append(sp.fraction(sp.together(atom.args[0]))[1])
-    if not divisors:
-        return None
-    m = sp.Integer(1)
-    for d in divisors:
-        m = sp.lcm(m, d)
-    return m
+@dataclass(frozen=True)
+class AlignedRule:
+    """Sizes multiples of multiple*unit (unit: the patch size): floors and ceilings of the grid
+    S/unit become exact. `released(step)` names the model's modes whose sizes are multiples of
+    `step` pixels (for the words)."""
+    sizes: tuple
+    unit: sp.Symbol
+    unit_value: int
+    released: object = None      # callable(step px, sizes) -> str
+    latex_names: dict | None = None
 
+    def multiple(self, expr: sp.Expr):
+        """lcm of the divisors applied to the grid S/unit inside floors and ceilings (None: none found)."""
+        sizes = [s for s in self.sizes if expr.has(s)]
+        grids = {s: sp.Dummy(f"g_{s.name}", integer=True, positive=True) for s in sizes}
+        e = expr.subs({s: self.unit * g for s, g in grids.items()})
+        divisors = [sp.fraction(sp.together(atom.args[0]))[1] for atom in e.atoms(sp.floor, sp.ceiling)
+                    if atom.free_symbols & set(grids.values())]
+        if not divisors:
+            return None
+        m = sp.Integer(1)
+        for d in divisors:
+            m = sp.lcm(m, d)
+        return m
 
-def assume_aligned(expr: sp.Expr, multiple=None):
-    """Sizes multiples of multiple*patch_size: floors and ceilings of the patch grid become exact."""
-    sizes = [s for s in S.SIZES if expr.has(s)]
-    if not sizes or not expr.has(sp.floor, sp.ceiling):
-        return expr, None, None
-    m = sp.sympify(multiple) if multiple is not None else grid_multiple(expr)
-    if m is None:
-        return expr, None, None
-    if not (m.is_integer and m.is_positive):
-        raise ValueError(f"grid multiple must be a positive integer, got {m}")
-    ks = {s: sp.Dummy(f"k_{s.name}", integer=True, positive=True) for s in sizes}
-    e = expr.subs({s: m * S.patch_size * k for s, k in ks.items()})
-    e = e.subs({k: s / (m * S.patch_size) for s, k in ks.items()})
-    names = " and ".join(s.name for s in sizes)
-    texnames = ", ".join(S.LATEX_NAMES[s] for s in sizes)
-    released = _released_note(sizes, m)
-    a = Assumption(f"aligned-{m}",
-                   f"{names} are multiples of {render.plain(m)}*patch_size, so the patch grid S/patch_size is a "
-                   f"multiple of {render.plain(m)} and its floors/ceilings are exact{released}",
-                   rf"{texnames} \in {render.latex(m * S.patch_size)}\,\mathbb{{N}}")
-    return e, a, m
+    def apply(self, expr: sp.Expr, multiple=None):
+        sizes = [s for s in self.sizes if expr.has(s)]
+        if not sizes or not expr.has(sp.floor, sp.ceiling):
+            return expr, None, ()
+        # no divisor inside a floor beyond the unit itself (floor(S/p)): multiples of the unit suffice
+        m = sp.sympify(multiple) if multiple is not None else (self.multiple(expr) or sp.Integer(1))
+        if not (m.is_integer and m.is_positive):
+            raise ValueError(f"grid multiple must be a positive integer, got {m}")
+        names = " and ".join(s.name for s in sizes)
+        texnames = ", ".join(S.latex_name(s, self.latex_names) for s in sizes)
+        step = int(m) * self.unit_value
+        released = f"; holds for {self.released(step, sizes)}" if self.released else ""
+        a = Assumption(f"aligned-{m}",
+                       f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the grid S/{self.unit.name} "
+                       f"is a multiple of {render.plain(m)} and its floors/ceilings are exact (with {self.unit.name} "
+                       f"{self.unit_value}: multiples of {step} px{released})",
+                       rf"{texnames} \in {render.latex(m * self.unit, self.latex_names)}\,\mathbb{{N}}")
+        return self._aligned(expr, m), a, m
 
-
-def _released_note(sizes, m) -> str:
-    from graphs.config import MODES, VISION
-
-    values = {S.patch_size: VISION.patch_size, S.downsample_ratio: VISION.downsample_ratio}
-    step = int(sp.sympify(m * S.patch_size).subs(values))
-    ok = [md.name for md in MODES.values() if md.crop_mode and all(
-        getattr(md, s.name) % step == 0 for s in sizes)]
-    which = ", ".join(ok) if ok else "none of the released crop modes (use --mode for their exact polynomial)"
-    return f" (with patch_size 16: multiples of {step} px; holds for {which})"
+    def _aligned(self, expr, m):
+        sizes = [s for s in self.sizes if expr.has(s)]
+        ks = {s: sp.Dummy(f"k_{s.name}", integer=True, positive=True) for s in sizes}
+        e = expr.subs({s: m * self.unit * k for s, k in ks.items()})
+        return e.subs({k: s / (m * self.unit) for s, k in ks.items()})
 
 
 # ---- the forms ------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def build(kind: str, mode_name: str | None, scope: str, metric: str, grid_multiple: int | None = None,
+def build(model, kind: str, mode_name: str | None, scope: str, metric: str, grid_multiple: int | None = None,
           variants=None) -> Form:
-    """One form of `metric` over `scope`; `variants` (graphs.decoder.Variants) for the language model."""
-    from graphs import deepseek_ocr as model
+    """One form of a metric over a scope of `model` (costgraph.model.Model): a Cost field or a
+    derived metric (costgraph.stages.DERIVED). The same assumption pipeline for all of them."""
+    from . import stages
 
     if kind not in FORMS:
         raise ValueError(f"unknown form {kind!r} (choose from {', '.join(FORMS)})")
     mode = model.get_mode(mode_name) if mode_name else None
-    expr = model.formula(mode, scope, metric, model.VENDOR if variants is None else variants)
-    notes = (model.FORMULA_NOTE,)
+    variants = model.variants() if variants is None else variants
+    return _build(model, kind, mode, scope, metric, grid_multiple, variants)
+
+
+@lru_cache(maxsize=None)
+def _build(model, kind, mode, scope, metric, grid_multiple, variants) -> Form:
+    from . import stages
+
+    expr = stages.metric_expr(model, mode, scope, metric, variants)
+    notes = tuple(n for n in (model.metric_note(metric),) if n)
+    common = dict(term_symbols=tuple(model.term_symbols), term_groups=tuple(model.term_groups.items()),
+                  latex_names=tuple(model.latex_names.items()))
+    name = mode.name if mode is not None else None
     if kind == "general":
-        return Form(kind, metric, scope, mode_name, expr, notes=notes)
+        return Form(kind, metric, scope, name, expr, notes=notes, **common)
     if kind == "coefficients" and mode is None:
         raise ValueError("the coefficients form needs a mode (--mode): its coefficients are numbers")
     if grid_multiple is not None and mode is not None:
         raise ValueError("--grid-multiple applies to symbolic sizes only (no --mode)")
     assumptions, otherwise = [], ()
-    expr, tiled, otherwise = assume_tiled(expr)
-    if tiled:
-        assumptions.append(tiled)
-    expr, columns, one_column = assume_columns(expr)
-    if columns:
-        assumptions.append(columns)
-        otherwise = tuple((case, assume_tiled(v)[0]) for case, v in otherwise) + \
-            tuple((case, sp.expand(assume_tiled(v)[0])) for case, v in one_column)
-    expr, every_expert = assume_every_expert(expr)
-    if every_expert:
-        assumptions.append(every_expert)
-        otherwise = tuple((case, assume_every_expert(v)[0]) for case, v in otherwise)
-    expr, aligned, m = assume_aligned(expr, grid_multiple)
-    if aligned:
-        assumptions.append(aligned)
-        otherwise = tuple((case, assume_aligned(v, m)[0]) for case, v in otherwise)
-    expr = sp.expand(expr.doit())
-    return Form(kind, metric, scope, mode_name, expr, tuple(assumptions), otherwise, notes)
+    for rule in model.form_rules(mode):
+        new, assumption, extra = rule.apply(expr, grid_multiple) if isinstance(rule, AlignedRule) \
+            else rule.apply(expr)
+        if assumption is None:
+            continue
+        if isinstance(rule, AlignedRule):
+            m = extra
+            otherwise = tuple((case, rule._aligned(v, m)) for case, v in otherwise)
+        else:
+            otherwise = tuple((case, rule.assume(v)) for case, v in otherwise) + tuple(extra)
+        expr = new
+        assumptions.append(assumption)
+    expr = expr.doit() if expr.has(sp.Max) else sp.expand(expr.doit())
+    return Form(kind, metric, scope, name, expr, tuple(assumptions), otherwise, notes, **common)

@@ -1,9 +1,9 @@
 """The cost graph: one networkx node per vendor operation, grouped in scopes.
 
-A node is `<scope>.<module path>` (e.g. `vision.crops.sam.blocks.3.attn.qkv`) and carries
+A node is `<scope>.<module path>` (e.g. `vision.views.blocks.3.attn.qkv`) and carries
 its op kind, symbolic input/output shapes and its per-execution `Cost`. Edges are data
-flow. A scope is a named subgraph that runs `multiplicity` times (the crop branch runs
-once per crop) and may be summed over an index (decode step t = lo..hi). A scope's total
+flow. A scope is a named subgraph that runs `multiplicity` times (a branch
+run once per view) and may be summed over an index (decode step t = lo..hi). A scope's total
 is a sympy sum: there is no numeric "effective batch" anywhere.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ class CostGraph:
 
 
 class ScopeBuilder:
-    """Adds nodes to one scope: `b.op("sam.blocks.0.attn.qkv", "linear", x, in_features=.., ...)`."""
+    """Adds nodes to one scope: `b.op("blocks.0.attn.qkv", "linear", x, in_features=.., ...)`."""
 
     def __init__(self, graph: CostGraph, scope: str):
         self.graph, self.scope = graph, scope

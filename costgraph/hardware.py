@@ -107,10 +107,9 @@ def calibrate(dtype: str = "bf16", samples: int = 7, matmul_n: int = 2048, copy_
 
     import torch
 
-    from graphs.config import DTYPES
+    from .dtypes import storage_values
 
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    storage_values(dtype)  # validates
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     threads = torch.get_num_threads()
     with torch.no_grad():

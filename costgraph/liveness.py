@@ -20,7 +20,7 @@ Rules, all structural (no numbers are special-cased):
   returns, so live memory changes by (new - old) after it and holds both while it runs. Inputs
   count 0, so that release is a negative term: a decode step's own peak is what it adds to the
   memory that was live when it began (the cache of earlier steps is reported as the KV cache);
-- a batched scope (the crop branch: `multiplicity` = number of crops) holds every tensor that
+- a batched scope (a batch of views: `multiplicity` = the batch) holds every tensor that
   many times over: its peak is multiplicity x the per-view peak. Scopes summed over an index (the
   decode steps) run one after another: their peak is a function of the index (decode step `t`).
 

@@ -14,7 +14,7 @@ Every metric follows aten semantics, unfused (costgraph/conventions.py is the ta
 - `activation_bytes`: the bytes of the node's main output tensor (0 for a view).
 
 Every op takes an optional `when` attribute (an indicator: 0/1, or a sympy Piecewise) that
-scales the whole cost: for ops that run only under a condition (SAM's window padding runs
+scales the whole cost: for ops that run only under a condition (a windowed attention's padding runs
 only when g % 14 != 0). Reshape-family ops take `copy` (torch materialises the result:
 `.reshape` of a permuted tensor, `.contiguous()`): then they read and write its elements.
 """
@@ -46,8 +46,7 @@ class Spec(tuple):
 
 Shape = tuple  # of sympy expressions (or ints); op formulas receive `Spec`s
 
-INT64, FLOAT32 = 8, 4  # element sizes torch uses whatever the storage dtype (indices, fp32 upcasts)
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "int64": 8}
+from .dtypes import BYTES as DTYPE_BYTES, FLOAT32, INT64, STORAGE  # noqa: E402  (fixed element sizes)
 
 
 def itemsize(x) -> sp.Expr:
@@ -177,7 +176,7 @@ def einsum(*operands: Shape, equation: str, copies: tuple = ()):
     """Two-operand contraction, as torch lowers it to bmm: 2 x the product of all index sizes.
 
     `copies`: the operands (by position) torch materialises before its bmm, because their
-    batch dimensions cannot be folded as a view (SAM's rel-pos einsums copy q): each is read
+    batch dimensions cannot be folded as a view (a relative-position einsum copies q): each is read
     and written once more, and the bmm reads the copy. An entry `(position, indicator)` copies
     only where the indicator is 1 (whether torch can fold depends on the operand's strides).
     """
@@ -271,7 +270,7 @@ for _kind, _aten in {**UNARY, **BINARY}.items():
 
 @register("quick_gelu")
 def quick_gelu(x: Shape, **attrs):
-    """CLIP's x * sigmoid(1.702 * x): three aten ops (mul by a scalar, sigmoid, mul)."""
+    """quick GELU, x * sigmoid(1.702 * x): three aten ops (mul by a scalar, sigmoid, mul)."""
     _, scaled = _elementwise("mul", [x])
     _, sig = _elementwise("sigmoid", [x])
     out, prod_ = _elementwise("mul", [x, x])

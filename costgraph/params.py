@@ -1,21 +1,21 @@
 """Parameters (weights) of the graph: per node, and resident / executed / active totals.
 
-Parameters are node data, not a per-execution `Cost`: a crop batch or a decode step that runs
+Parameters are node data, not a per-execution `Cost`: a batch of views or a decode step that runs
 a layer again does not create new weights, so no multiplicity or summation touches them.
 
 - Per node: a registry keyed by op kind (like `costgraph.ops`) reads the node's input specs and
   attrs and returns its `Weights`: the stored count, the element size, and the count one token
   (one row) uses. Weight-bearing ops: linear, conv2d, layer_norm, rms_norm, embedding, and
   `input` nodes marked as parameters (`b.input(path, shape, param=True)`; `param=<shape>` gives
-  the stored shape when the node's shape is a gathered one, as SAM's rel-pos tables are).
+  the stored shape when the node's shape is a gathered one, as gathered relative-position tables are).
 - Node attrs read here (never passed to the cost formulas unless a formula names them):
   `param` (inputs), `experts` (stored copies of a linear: MoE routed experts), `active_experts`
   (copies one token runs through), `weight_itemsize` (when the weight's element size is not
   the input's).
-- Resident: what a checkpoint stores. Scopes under one root (`vision.global` and `vision.crops`;
+- Resident: what a checkpoint stores. Scopes under one root (e.g. two branches of one encoder;
   `decoder.prefill` and `decoder.decode`) run the same modules, so weights are deduplicated by
   (root scope, module path). A parameter input with no consumer is loaded but never executed
-  (CLIP's conv patch embedding): resident, not executed.
+  (a patch embedding a model loads but bypasses): resident, not executed.
 - Executed: the weights a scope's nodes use (deduplicated the same way within the scope).
 - Active per token: executed weights, MoE experts counted `active_experts` of `experts`, an
   embedding table counted as the one row a token looks up.

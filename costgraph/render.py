@@ -6,53 +6,48 @@ import sympy as sp
 from . import symbols as S
 
 
-ORDER = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)  # how monomials are spelled
+def closed_form(expr: sp.Expr, term_symbols=(), term_groups=()) -> sp.Expr:
+    """Expanded and collected on the term symbols (and their named products, e.g. a tile = w*h),
+    so per-term coefficients read off directly.
 
-
-def closed_form(expr: sp.Expr) -> sp.Expr:
-    """Expanded and collected on the layout symbols, so per-crop terms read off directly.
-
-    The no-crop indicator is kept as one factor of the crop terms rather than expanded into each.
+    A named indicator (`costgraph.symbols.name_indicator`) is kept as one factor of the terms it
+    multiplies rather than expanded into each.
     """
-    from graphs.layout import crops_run
-
-    run, ind = crops_run(), sp.Dummy("crops_run")
-    expr = sp.expand(sp.sympify(expr).subs(run, ind))
-    expr = sp.collect(expr, [S.w_crop * S.h_crop * ind, S.w_crop * S.h_crop, S.w_crop, S.h_crop,
-                             S.text_tokens, S.output_tokens])
-    return expr.subs(ind, run)
+    expr = sp.sympify(expr)
+    inds = {i.expr: sp.Dummy(i.name) for i in S.INDICATORS.values() if expr.has(i.expr)}
+    expr = sp.expand(expr.subs(inds))
+    groups = [sp.Mul(*g) for g in term_groups]
+    keys = [g * d for g in groups for d in inds.values()] + groups + list(term_symbols)
+    expr = sp.collect(expr, keys)
+    return expr.subs({d: e for e, d in inds.items()})
 
 
 def plain(expr: sp.Expr) -> str:
     return sp.sstr(expr)
 
 
-def _indicator_names() -> dict:
-    """The no-crop indicator (a Piecewise) as a compact 1[w h > 1] in LaTeX."""
-    from graphs.layout import crops_run
-
-    run = sp.Symbol("crops_run")
-    return {crops_run(): (run, r"\mathbb{1}[w_{\mathrm{crop}} h_{\mathrm{crop}} > 1]")}
-
-
-def latex(expr: sp.Expr) -> str:
+def latex(expr: sp.Expr, names=None) -> str:
+    """LaTeX with the declared symbol names (or the model's own `names`); a named indicator as its
+    compact spelling."""
     expr = sp.sympify(expr)
-    names = dict(S.LATEX_NAMES)
-    for piece, (sym, tex) in _indicator_names().items():
-        if expr.has(piece):
-            expr = expr.subs(piece, sym)
-            names[sym] = tex
+    own = names
+    names = {s: S.latex_name(s, own) for s in expr.free_symbols if isinstance(s, sp.Symbol)}
+    for ind in S.INDICATORS.values():
+        if expr.has(ind.expr):
+            sym = sp.Symbol(ind.name)
+            expr = expr.subs(ind.expr, sym)
+            names[sym] = ind.latex
     return sp.latex(expr, symbol_names=names, mul_symbol="dot")
 
 
-def latex_number(x) -> str:
+def latex_number(x, names=None) -> str:
     """Exact numbers with thin spaces between digit groups: 1\\,139\\,967\\,033\\,344."""
     x = sp.sympify(x)
     if x.is_Integer:
         return f"{int(x):,}".replace(",", r"\,")
     if x.is_Rational:
         return rf"\frac{{{latex_number(x.p)}}}{{{latex_number(x.q)}}}"
-    return latex(x)
+    return latex(x, names)
 
 
 def _split_sign(coeff):
@@ -64,7 +59,7 @@ def _split_sign(coeff):
     return False, coeff
 
 
-def latex_terms(terms) -> list[tuple[str, str]]:
+def latex_terms(terms, order=(), names=None) -> list[tuple[str, str]]:
     """(sign, body) per term c_i m_i: numbers exact, symbolic coefficients in parentheses when sums."""
     parts = []
     for mono, coeff in terms:
@@ -72,13 +67,13 @@ def latex_terms(terms) -> list[tuple[str, str]]:
         if c.is_number:
             ctex = latex_number(c)
         else:
-            ctex = latex(c)
+            ctex = latex(c, names)
             if isinstance(c, sp.Add) and mono != 1:
                 ctex = rf"\left({ctex}\right)"
         if mono == 1:
             body = ctex
         else:
-            body = monomial_latex(mono) if c == 1 else rf"{ctex}\, {monomial_latex(mono)}"
+            body = monomial_latex(mono, order, names) if c == 1 else rf"{ctex}\, {monomial_latex(mono, order, names)}"
         parts.append(("-" if neg else "+", body))
     return parts
 
@@ -91,32 +86,50 @@ def latex_sum(parts) -> str:
     return out + "".join(f" {sign} {body}" for sign, body in parts[1:])
 
 
-def monomial_latex(mono) -> str:
-    """w_crop before h_crop (sympy would sort by name)."""
+def monomial_latex(mono, order=(), names=None) -> str:
+    """Symbols in the model's term order (w before h; sympy would sort by name)."""
     powers = {s: k for s, k in sp.sympify(mono).as_powers_dict().items() if s.is_Symbol}
+    order = tuple(order)
     out = []
-    for s in ORDER + tuple(sorted(set(powers) - set(ORDER), key=str)):
+    for s in order + tuple(sorted(set(powers) - set(order), key=str)):
         k = powers.get(s, 0)
         if k:
-            name = S.LATEX_NAMES.get(s, sp.latex(s))
+            name = S.latex_name(s, names)
             out.append(name if k == 1 else f"{name}^{{{k}}}")
     return " ".join(out)
 
 
-def monomial_plain(mono) -> str:
+def monomial_plain(mono, order=()) -> str:
     powers = {s: k for s, k in sp.sympify(mono).as_powers_dict().items() if s.is_Symbol}
+    order = tuple(order)
     out = []
-    for s in ORDER + tuple(sorted(set(powers) - set(ORDER), key=str)):
+    for s in order + tuple(sorted(set(powers) - set(order), key=str)):
         k = powers.get(s, 0)
         if k:
             out.append(s.name if k == 1 else f"{s.name}**{k}")
     return "*".join(out) or "1"
 
 
-def plain_terms(terms) -> str:
+def plain_terms(terms, order=()) -> str:
     parts = []
     for mono, coeff in terms:
         c = sp.sympify(coeff)
         ctext = f"({plain(c)})" if isinstance(c, sp.Add) else plain(c)
-        parts.append(ctext if mono == 1 else f"{ctext}*{monomial_plain(mono)}")
+        parts.append(ctext if mono == 1 else f"{ctext}*{monomial_plain(mono, order)}")
     return " + ".join(parts) if parts else "0"
+
+
+def human(n: int) -> str:
+    """An integer with a decimal prefix, 3 decimals: 1.140 T."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.3f} {unit}"
+    return f"{n:,}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cols = [header] + rows
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])

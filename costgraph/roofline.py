@@ -4,7 +4,7 @@
     memory  = (bytes_read + bytes_written) / bandwidth
     time    = max(compute, memory)        (an unfused node: nothing overlaps across nodes)
 
-Nodes are costed per execution of the stage: a batched scope (the crop batch) multiplies its
+Nodes are costed per execution of the stage: a batched scope (a batch of views) multiplies its
 nodes' costs by its multiplicity; a summed scope (the decode forwards) is evaluated at every
 step t as a numpy array. The per-node metric expressions are compiled once per stage
 (`costgraph.evaluate.Compiled`) and evaluated vectorised; the hardware only enters afterwards

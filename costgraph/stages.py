@@ -1,20 +1,17 @@
-"""DeepSeek-OCR by stage, beyond per-scope totals: parameters, peak activations, KV cache,
-roofline latency and whether a generation fits a device.
+"""A model by stage, beyond per-scope totals: parameters, peak activations, KV cache, roofline
+latency and whether a run fits a device; and every metric a closed form can be asked for.
 
-Stages of reading one page: the vision encoder (the crop batch, then the global view, then the
-assembly of the image slots), one prefill over the prompt, and output_tokens-1 decode forwards
-(step t attends over a context of L + t). The numbers come from the one graph the rest of the
-tool uses (`graphs.deepseek_ocr.model_graph`); this module only evaluates it:
+Generic over `costgraph.model.Model`. A stage is a scope that runs as one step (a batch of views,
+the prefill, the decode forwards). The numbers come from the one
+graph of the model; this module only evaluates it:
 - parameters: `costgraph.params` (resident = the checkpoint, executed per scope, active per token);
-- peak activations: `costgraph.liveness` per stage (vision.global, vision.crops, decoder.prefill,
-  decoder.decode at its largest step t = output_tokens-1); a composite scope's peak is the max of
-  its stages (they run one after another; what one stage hands the next is a few MB);
-- KV cache: the language model's `kv_cache_bytes` (graphs.decoder);
-- roofline: `costgraph.roofline` per node, summed per stage.
+- peak activations: `costgraph.liveness` per stage; a stage summed over an index (the decode
+  forwards, t = 1..output_tokens-1) is taken at its last index, its largest context; a composite
+  scope's peak is the max of its stages' (they run one after another);
+- KV cache: the model's `kv_cache_bytes`;
+- roofline: `costgraph.roofline` per node, summed per stage (a summed stage at every index).
 """
 from __future__ import annotations
-
-from functools import lru_cache
 
 import numpy as np
 import sympy as sp
@@ -23,40 +20,54 @@ from . import liveness as LV
 from . import params as P
 from . import roofline as RL
 from . import symbols as S
+from .cost import METRICS
 from .evaluate import substitute
 from .hardware import Hardware
+from .render import human, table
 
-STAGES = ("vision.global", "vision.crops", "decoder.prefill", "decoder.decode")
-# Published sizes (SPEC section 5) to set beside ours.
-PUBLISHED = {"vision": 380e6, "vision.sam": 80e6, "vision.clip": 300e6, "decoder": 3e9, "decoder.active": 570e6}
-
-
-def _model():
-    from graphs import deepseek_ocr as model
-    return model
+# `formula --metric` beyond the Cost fields
+DERIVED = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes", "kv_cache_bytes")
 
 
-def graph(mode, variants=None):
-    m = _model()
-    return m.model_graph(mode.crop_mode, m.VENDOR if variants is None else variants)
+def graph(model, mode, variants=None):
+    return model.graph(mode, model.variants() if variants is None else variants)
 
 
-def stages_of(mode) -> tuple[str, ...]:
-    return tuple(s for s in STAGES if s in graph(mode).scopes)
+def scope_stages(model, mode, scope: str) -> tuple[str, ...]:
+    """The stages a scope is made of (a composite: all of its parts'; a stage: itself)."""
+    parts = model.composites.get(scope, (scope,))
+    return tuple(s for s in model.stages(mode) if any(s == p or s.startswith(p + ".") for p in parts))
 
 
-def scope_stages(mode, scope: str) -> tuple[str, ...]:
-    """The stages a scope is made of (e2e: all of them; a stage: itself)."""
-    parts = _model().COMPOSITE.get(scope, (scope,))
-    return tuple(s for s in stages_of(mode) if any(s == p or s.startswith(p + ".") for p in parts))
+def _names(values: dict) -> dict:
+    return {(k.name if hasattr(k, "name") else k): v for k, v in values.items()}
+
+
+def _summed(g, stage: str):
+    """(index, lo, hi) of the innermost summed scope around a stage, or None."""
+    for s in reversed(g.chain(stage)):
+        if s.sum_over is not None:
+            return s.sum_over
+    return None
+
+
+def totals(model, mode, point, scopes, metrics, variants, dtype: str) -> dict[str, dict[str, int]]:
+    """Exact integers of every scope x metric at one input (exact substitution; a sweep compiles instead)."""
+    values = {**point.values, **model.dtype_values(dtype)}
+    return {s: {m: substitute(model.formula(mode, s, m, variants), values) for m in metrics} for s in scopes}
 
 
 # ---- parameters -------------------------------------------------------------------------------
 
-def param_totals(mode, scope: str, variants=None) -> P.ParamTotals:
-    """Executed weights of a scope (e2e: vision's + the decoder's)."""
-    g, m = graph(mode, variants), _model()
-    parts = m.COMPOSITE.get(scope, (scope,))
+def roots(g) -> list[str]:
+    """The top-level scopes of a graph (e.g. vision, decoder)."""
+    return [s for s in g.scopes if "." not in s]
+
+
+def param_totals(model, mode, scope: str, variants=None) -> P.ParamTotals:
+    """Executed weights of a scope (a composite: its parts' together)."""
+    g = graph(model, mode, variants)
+    parts = model.composites.get(scope, (scope,))
     if len(parts) == 1:
         return P.executed(g, scope)
     ts = [P.executed(g, p) for p in parts]
@@ -65,129 +76,128 @@ def param_totals(mode, scope: str, variants=None) -> P.ParamTotals:
                          sum(t.modules for t in ts))
 
 
-def _patch_values() -> dict:
-    """Parameter counts hold the (symbolic) SAM patch size; the checkpoint's is the config's."""
-    from graphs.config import VISION
-
-    return {S.patch_size: VISION.patch_size, S.downsample_ratio: VISION.downsample_ratio}
+def count(model, mode, expr, values: dict | None = None) -> int:
+    """A parameter count or weight bytes as an integer (the mode's sizes and, for bytes, the dtype given)."""
+    return substitute(expr, {**model.mode_values(mode), **(values or {})})
 
 
-def count(expr, values: dict | None = None) -> int:
-    """A parameter count or weight bytes as an integer (patch size and, for bytes, the dtype given)."""
-    return substitute(expr, {**_patch_values(), **(values or {})})
-
-
-def param_summary(mode, dtype_values: dict, variants=None) -> dict:
+def param_summary(model, mode, dtype_values: dict, variants=None) -> dict:
     """Resident (the checkpoint), executed and active parameters, and their bytes at a dtype."""
-    g = graph(mode, variants)
+    g = graph(model, mode, variants)
+    num = lambda e: count(model, mode, e, dtype_values)
+    cnt = lambda e: count(model, mode, e)
     res = P.resident(g)
-    num = lambda e: count(e, dtype_values)
-    roots = {r: P.resident(g, r) for r in ("vision", "decoder") if r in g.scopes}
-    dec = P.executed(g, "decoder") if "decoder" in g.scopes else None
-    part = lambda prefix: count(sum((w.count for n, w in P.per_node(g, "vision.global").items()
-                                     if g.g.nodes[n]["path"].startswith(prefix)), sp.Integer(0)))
-    unexec = {k: count(v) for k, v in P.unexecuted(g).items()}
+    tops = {r: P.resident(g, r) for r in roots(g)}
     out = {
-        "resident": count(res.params), "resident_weight_bytes": num(res.weight_bytes),
-        "resident_by_part": {r: count(t.params) for r, t in roots.items()},
-        "executed": {r: count(P.executed(g, r).params) for r in roots},
-        "unexecuted": unexec,
-        "vision_parts": {"sam": part("sam."), "clip": part("clip."), "projector": part("projector")},
+        "resident": cnt(res.params), "resident_weight_bytes": num(res.weight_bytes),
+        "resident_by_part": {r: cnt(t.params) for r, t in tops.items()},
+        "executed": {r: cnt(P.executed(g, r).params) for r in tops},
+        "unexecuted": {k: cnt(v) for k, v in P.unexecuted(g).items()},
     }
-    if dec is not None:
-        emb = [w for n, w in P.per_node(g, "decoder.prefill").items() if g.g.nodes[n]["kind"] == "embedding"]
-        out["active_per_token"] = count(dec.active)
+    for group, parts in model.param_parts().items():
+        out[group] = {name: cnt(sum((w.count for n, w in P.per_node(g, scope).items()
+                                     if g.g.nodes[n]["path"].startswith(prefix)), sp.Integer(0)))
+                      for name, (scope, prefix) in parts.items()}
+    lm = getattr(model, "lm_scope", None)
+    if lm in g.scopes:
+        dec = P.executed(g, lm)
+        first = next(s for s in model.stages(mode) if s.startswith(lm + "."))
+        emb = [w for n, w in P.per_node(g, first).items() if g.g.nodes[n]["kind"] == "embedding"]
+        out["active_per_token"] = cnt(dec.active)
         out["active_per_token_weight_bytes"] = num(dec.active_bytes)
-        # the published "570M active" leaves the embedding out (a lookup, not a matmul)
-        out["active_per_token_without_embedding_row"] = count(dec.active) - sum(count(w.active) for w in emb)
-        out["embedding_table"] = sum(count(w.count) for w in emb)
-    out["published"] = PUBLISHED
+        # a published "active parameters" figure leaves the embedding out (a lookup, not a matmul)
+        out["active_per_token_without_embedding_row"] = cnt(dec.active) - sum(cnt(w.active) for w in emb)
+        out["embedding_table"] = sum(cnt(w.count) for w in emb)
+    out["published"] = dict(model.published)
     return out
 
 
 # ---- peak activations -------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def _peak(crop_mode: bool, variants, stage: str) -> LV.Peak:
-    m = _model()
-    return LV.liveness(m.model_graph(crop_mode, variants), stage)
+_PEAKS: dict = {}
 
 
-def stage_peak(mode, stage: str, variants=None) -> LV.Peak:
-    m = _model()
-    return _peak(mode.crop_mode, m.VENDOR if variants is None else variants, stage)
+def stage_peak(model, mode, stage: str, variants=None) -> LV.Peak:
+    """The liveness pass of a stage, once per graph (modes that share a graph share it)."""
+    g = graph(model, mode, variants)
+    key = (id(g), stage)
+    if key not in _PEAKS:
+        _PEAKS[key] = (g, LV.liveness(g, stage))
+    return _PEAKS[key][1]
 
 
-def peak_values(values: dict, stage: str) -> dict:
-    """Symbol values for a stage's peak: the decode stage at its largest step, t = output_tokens - 1."""
-    v = {k.name if hasattr(k, "name") else k: x for k, x in values.items()}
-    if stage == "decoder.decode":
-        v[S.decode_step.name] = max(int(v[S.output_tokens.name]) - 1, 1)
-    return v
-
-
-def peak_formula(mode, scope: str, variants=None) -> sp.Expr:
-    """Peak activation bytes of a scope: Max over its stages' peaks (decode at t = output_tokens-1)."""
+def peak_formula(model, mode, scope: str, variants=None) -> sp.Expr:
+    """Peak activation bytes of a scope: Max over its stages' peaks (a summed stage at its last index)."""
+    g = graph(model, mode, variants)
     exprs = []
-    for st in scope_stages(mode, scope):
-        e = stage_peak(mode, st, variants).expr
-        if st == "decoder.decode":
-            e = e.subs(S.decode_step, S.output_tokens - 1)
+    for st in scope_stages(model, mode, scope):
+        e = stage_peak(model, mode, st, variants).expr
+        summed = _summed(g, st)
+        if summed is not None:
+            e = e.subs(summed[0], summed[2])
         exprs.append(e)
     if not exprs:
         return sp.Integer(0)
     return exprs[0] if len(exprs) == 1 else sp.Max(*exprs, evaluate=False)
 
 
-def peaks(mode, values: dict, variants=None, only=None) -> dict[str, dict]:
+def peaks(model, mode, values: dict, variants=None, only=None) -> dict[str, dict]:
     """Peak activation bytes of every stage (or those in `only`) and the node running at the peak, at one point."""
+    g = graph(model, mode, variants)
     out = {}
-    for st in stages_of(mode):
+    for st in model.stages(mode):
         if only is not None and st not in only:
             continue
-        v = peak_values(values, st)
-        if st == "decoder.decode" and int(v[S.output_tokens.name]) < 2:
-            out[st] = {"bytes": 0, "node": None, "note": "no decode forward (output_tokens = 1)"}
-            continue
-        p = stage_peak(mode, st, variants)
+        v = _names(values)
+        summed = _summed(g, st)
+        if summed is not None:
+            idx, lo, hi = summed
+            last = substitute(hi, values)
+            if last < substitute(lo, values):
+                out[st] = {"bytes": 0, "node": None, "note": f"no {st} step ({hi} = {last})"}
+                continue
+            v[idx.name] = last
+        p = stage_peak(model, mode, st, variants)
         out[st] = {**p.at({k: v[k] for k in p.args}), "factor": str(p.factor)}
-        if st == "decoder.decode":
-            out[st]["t"] = v[S.decode_step.name]
+        if summed is not None:
+            out[st][summed[0].name] = v[summed[0].name]
     return out
 
 
-def scope_peak(mode, scope: str, stage_peaks: dict) -> int:
-    return max((stage_peaks[s]["bytes"] for s in scope_stages(mode, scope) if s in stage_peaks), default=0)
+def scope_peak(model, mode, scope: str, stage_peaks: dict) -> int:
+    return max((stage_peaks[s]["bytes"] for s in scope_stages(model, mode, scope) if s in stage_peaks), default=0)
 
 
 # ---- roofline ---------------------------------------------------------------------------------
 
-ROOFLINE_STAGES = ("vision", "decoder.prefill", "decoder.decode")
-
-
-def roofline(mode, fixed: dict, values: dict, hws: list[Hardware], output_tokens: int, variants=None,
+def roofline(model, mode, fixed: dict, values: dict, hws: list[Hardware], variants=None,
              top: int = 0) -> dict[str, dict]:
-    """Seconds per stage for each hardware: vision, prefill, decode (every step t), per decode token, total."""
-    g = graph(mode, variants)
-    vals = {k.name if hasattr(k, "name") else k: v for k, v in values.items()}
-    steps = RL.decode_steps(output_tokens)
+    """Seconds per roofline stage for each hardware; a summed stage (decode) at every index: its
+    total, the mean per step, the first and last step."""
+    g = graph(model, mode, variants)
+    vals = _names(values)
     raws = {}
-    for st in ROOFLINE_STAGES:
+    for st in model.roofline_stages(mode):
         if st not in g.scopes:
             continue
-        model = RL.stage_model(g, st, fixed)
+        sm = RL.stage_model(g, st, fixed)
         v = dict(vals)
-        if st == "decoder.decode":
-            v[S.decode_step.name] = steps if len(steps) else np.array([1])
-        raws[st] = (model, model.raw(v))
+        summed = _summed(g, st)
+        steps = None
+        if summed is not None:
+            idx, lo, hi = summed
+            steps = np.arange(substitute(lo, {**fixed, **values}), substitute(hi, {**fixed, **values}) + 1,
+                              dtype=np.int64)
+            v[idx.name] = steps if len(steps) else np.array([1])
+        raws[st] = (sm, sm.raw(v), steps)
     out = {}
     for hw in hws:
         rec = {}
-        for st, (model, raw) in raws.items():
-            times = RL.node_times(raw, hw, model.nodes)
-            if st == "decoder.decode":
+        for st, (sm, raw, steps) in raws.items():
+            times = RL.node_times(raw, hw, sm.nodes)
+            if steps is not None:
                 per_step = times.time.sum(axis=0) if len(steps) else np.zeros(0)
-                last = RL.NodeTimes(model.nodes, times.compute[:, -1], times.memory[:, -1],
+                last = RL.NodeTimes(sm.nodes, times.compute[:, -1], times.memory[:, -1],
                                     {k: a[:, -1] for k, a in raw.items()})
                 rec[st] = {"seconds": float(per_step.sum()), "steps": int(len(steps)),
                            "last_step": RL.stage_report(last, top),
@@ -210,29 +220,17 @@ def memory_fit(hw: Hardware, weight_bytes: int, kv_bytes: int, peak_bytes: int) 
 
 # ---- KV cache ---------------------------------------------------------------------------------
 
-def kv_cache_expr(context) -> sp.Expr:
-    """Bytes of the KV cache holding `context` tokens (the language model's formula)."""
-    from graphs import decoder
-
-    return decoder.kv_cache_bytes(context=context)
-
-
-def kv_summary(mode, sequence: dict, dtype_values: dict) -> dict:
-    per_token = substitute(kv_cache_expr(1), dtype_values)
+def kv_summary(model, sequence: dict, dtype_values: dict) -> dict:
+    kv = lambda context: substitute(model.kv_cache_bytes(context), dtype_values)
     prompt, final = sequence["prompt_tokens"], sequence["final_context"]
-    return {"per_token_bytes": per_token, "prompt_tokens": prompt, "after_prefill_bytes":
-            substitute(kv_cache_expr(prompt), dtype_values), "final_context": final,
-            "final_bytes": substitute(kv_cache_expr(final), dtype_values)}
+    return {"per_token_bytes": kv(1), "prompt_tokens": prompt, "after_prefill_bytes": kv(prompt),
+            "final_context": final, "final_bytes": kv(final)}
 
 
-# ---- what `costgraph cost --metrics ... --hardware ...` adds to the totals --------------------
+# ---- what `cost --metrics ... --hardware ...` adds to the totals ------------------------------
 
-def _names(values: dict) -> dict:
-    return {(k.name if hasattr(k, "name") else k): v for k, v in values.items()}
-
-
-def extra_metrics(mode, layout, scopes, groups, totals: dict, *, text_tokens: int, output_tokens: int, variants,
-                  dtype: str, hardware: list, top: int = 0) -> dict:
+def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants, dtype: str, hardware: list,
+                  top: int = 0) -> dict:
     """Sections beyond the per-scope sums of node costs (`totals`): `derived` (per scope: bytes =
     read + written, params, weight bytes, resident params, active params per token, peak
     activation bytes, KV cache bytes) and the sections params, activations, kv_cache, roofline."""
@@ -240,48 +238,46 @@ def extra_metrics(mode, layout, scopes, groups, totals: dict, *, text_tokens: in
     if "bytes" in groups:
         for s in scopes:
             derived[s]["bytes"] = totals[s]["bytes_read"] + totals[s]["bytes_written"]
-    m = _model()
-    dv = m.dtype_values(dtype)
-    values = {**m.mode_values(mode), **m.layout_values(layout), **m.sequence_values(text_tokens, output_tokens), **dv}
-    sequence = m.sequence_record(mode, layout, text_tokens, output_tokens)
+    dv = model.dtype_values(dtype)
+    values = {**model.mode_values(mode), **point.values, **dv}
+    sequence = point.record.get("sequence")
+    g = graph(model, mode, variants)
     out = {}
     need_peaks = "activations" in groups or hardware
-    wanted = None if hardware else {st for sc in scopes for st in scope_stages(mode, sc)}
-    stage_peaks = peaks(mode, values, variants, wanted) if need_peaks else {}
-    kv = kv_summary(mode, sequence, dv) if ("kv_cache" in groups or hardware) and "decoder" in graph(mode).scopes \
-        else None
-    summary = param_summary(mode, dv, variants) if ("params" in groups or hardware) else None
+    wanted = None if hardware else {st for sc in scopes for st in scope_stages(model, mode, sc)}
+    stage_peaks = peaks(model, mode, values, variants, wanted) if need_peaks else {}
+    kv = kv_summary(model, sequence, dv) if ("kv_cache" in groups or hardware) and model.generates else None
+    summary = param_summary(model, mode, dv, variants) if ("params" in groups or hardware) else None
+    lm = getattr(model, "lm_scope", None)
     if "params" in groups:
-        g = graph(mode, variants)
         for s in scopes:
-            t = param_totals(mode, s, variants)
-            roots = [r for r in ("vision", "decoder") if r in g.scopes and (s == r or s.startswith(r + ".")
-                                                                         or s in m.COMPOSITE)]
-            derived[s]["params"] = count(t.params)
-            derived[s]["weight_bytes"] = count(t.weight_bytes, dv)
-            derived[s]["resident_params"] = count(sum((P.resident(g, r).params for r in roots), sp.Integer(0)))
-            if s.startswith("decoder"):
-                derived[s]["active_params_per_token"] = count(t.active)
+            t = param_totals(model, mode, s, variants)
+            tops = [r for r in roots(g) if s == r or s.startswith(r + ".") or s in model.composites]
+            derived[s]["params"] = count(model, mode, t.params)
+            derived[s]["weight_bytes"] = count(model, mode, t.weight_bytes, dv)
+            derived[s]["resident_params"] = count(model, mode, sum((P.resident(g, r).params for r in tops),
+                                                                   sp.Integer(0)))
+            if lm and s.startswith(lm):
+                derived[s]["active_params_per_token"] = count(model, mode, t.active)
         out["params"] = summary
     if "activations" in groups:
         for s in scopes:
-            derived[s]["peak_activation_bytes"] = scope_peak(mode, s, stage_peaks)
+            derived[s]["peak_activation_bytes"] = scope_peak(model, mode, s, stage_peaks)
         out["activations"] = {"peak": stage_peaks, "note": "peak live bytes of op outputs per stage (inputs, "
-                              "weights and the KV cache excluded); decode at its largest step t = output_tokens-1; "
-                              "a scope's peak is the max of its stages'"}
+                              "weights and the KV cache excluded); a summed stage (decode) at its last step "
+                              "(t = output_tokens-1); a scope's peak is the max of its stages'"}
     if "kv_cache" in groups and kv is not None:
         for s in scopes:
-            if s == "decoder.prefill":
+            if lm and s == model.prefill_scope:
                 derived[s]["kv_cache_bytes"] = kv["after_prefill_bytes"]
-            elif s.startswith("decoder") or s in m.COMPOSITE:
+            elif lm and (s.startswith(lm) or s in model.composites):
                 derived[s]["kv_cache_bytes"] = kv["final_bytes"]
         out["kv_cache"] = kv
     if scopes and any(derived.values()):
         out = {"derived": derived, **out}
     if hardware:
-        fixed = {**m.mode_values(mode), **dv}
-        lay = _names({**m.layout_values(layout), **m.sequence_values(text_tokens, output_tokens)})
-        times = roofline(mode, fixed, lay, hardware, output_tokens, variants, top)
+        fixed = {**model.mode_values(mode), **dv}
+        times = roofline(model, mode, fixed, _names(point.values), hardware, variants, top)
         peak = max((p["bytes"] for p in stage_peaks.values()), default=0)
         out["roofline"] = {hw.name: {"hardware": hw.as_dict(), "stages": times[hw.name],
                                      "fit": memory_fit(hw, summary["resident_weight_bytes"],
@@ -290,10 +286,8 @@ def extra_metrics(mode, layout, scopes, groups, totals: dict, *, text_tokens: in
     return out
 
 
-def text_sections(out: dict) -> list[str]:
+def text_sections(model, out: dict) -> list[str]:
     """The extra sections of `cost` for people."""
-    from .cli import human, table
-
     lines = []
     p = out.get("params")
     if p:
@@ -304,14 +298,7 @@ def text_sections(out: dict) -> list[str]:
         lines.append("  executed: " + ", ".join(f"{k} {v:,}" for k, v in p["executed"].items())
                      + "; loaded, never run: " + (", ".join(f"{k} {v:,}" for k, v in p["unexecuted"].items())
                                                   or "none"))
-        v = p["vision_parts"]
-        lines.append(f"  vision: SAM {v['sam']:,} (published ~80M), CLIP {v['clip']:,} (~300M, its unused conv "
-                     f"included), projector {v['projector']:,}; DeepEncoder {p['resident_by_part'].get('vision', 0):,} "
-                     f"(published ~380M)")
-        if "active_per_token" in p:
-            lines.append(f"  decoder active per token: {p['active_per_token']:,} "
-                         f"({p['active_per_token_without_embedding_row']:,} without the embedding row; "
-                         f"published: 570M)")
+        lines += model.param_lines(p)
     a = out.get("activations")
     if a:
         lines.append("")
@@ -331,113 +318,68 @@ def text_sections(out: dict) -> list[str]:
 
 
 def roofline_rows(r: dict) -> list[list[str]]:
+    """One row per hardware: each roofline stage's seconds (a summed stage: per step and in all), total, fit."""
     rows = []
     for name, rec in r.items():
         st, fit = rec["stages"], rec["fit"]
-        dec = st.get("decoder.decode", {})
         ms = lambda x: f"{1e3 * x:,.2f}"
-        rows.append([name, ms(st["vision"]["seconds"]), ms(st.get("decoder.prefill", {}).get("seconds", 0.0)),
-                     ms(dec.get("per_token_mean_seconds", 0.0)), ms(dec.get("seconds", 0.0)),
-                     f"{st['total_seconds']:,.3f}", f"{fit['total_bytes'] / 2**30:,.2f}",
-                     f"{fit['memory_bytes'] / 2**30:,.0f}", "yes" if fit["fits"] else "NO"])
+        cells = [name]
+        for s, v in st.items():
+            if s == "total_seconds":
+                continue
+            if "per_token_mean_seconds" in v:
+                cells += [ms(v["per_token_mean_seconds"]), ms(v["seconds"])]
+            else:
+                cells.append(ms(v["seconds"]))
+        cells += [f"{st['total_seconds']:,.3f}", f"{fit['total_bytes'] / 2**30:,.2f}",
+                  f"{fit['memory_bytes'] / 2**30:,.0f}", "yes" if fit["fits"] else "NO"]
+        rows.append(cells)
     return rows
 
 
-ROOFLINE_HEADER = ["hardware", "vision ms", "prefill ms", "decode ms/token", "decode ms", "total s",
-                   "needs GiB", "has GiB", "fits"]
+def roofline_header(r: dict) -> list[str]:
+    first = next(iter(r.values()))["stages"]
+    cols = ["hardware"]
+    for s, v in first.items():
+        if s == "total_seconds":
+            continue
+        short = s.rpartition(".")[2]
+        cols += [f"{short} ms/token", f"{short} ms"] if "per_token_mean_seconds" in v else [f"{short} ms"]
+    return cols + ["total s", "needs GiB", "has GiB", "fits"]
 
 
 def roofline_table(r: dict) -> str:
-    from .cli import table
-
-    return table(roofline_rows(r), ROOFLINE_HEADER)
+    return table(roofline_rows(r), roofline_header(r))
 
 
 def roofline_markdown(r: dict) -> str:
-    lines = ["| " + " | ".join(ROOFLINE_HEADER) + " |", "|" + "---|" * len(ROOFLINE_HEADER)]
+    header = roofline_header(r)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in roofline_rows(r)]
     return "\n".join(lines)
 
 
-# ---- `formula --metric` for the metrics that are not Cost fields ------------------------------
+# ---- every metric `formula` can show ---------------------------------------------------------
 
-def extra_expr(mode, scope: str, metric: str, variants=None) -> sp.Expr:
-    m = _model()
+def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
+    """The exact total of a metric over a scope: a Cost field, or a derived metric (DERIVED)."""
+    if metric in METRICS:
+        return model.formula(mode, scope, metric, variants)
+    sub = (lambda e: e.subs(model.mode_values(mode))) if mode is not None else (lambda e: e)
     if metric == "bytes":
-        return sp.expand(m.formula(mode, scope, "bytes_read", variants or m.VENDOR)
-                         + m.formula(mode, scope, "bytes_written", variants or m.VENDOR))
+        return sp.expand(model.formula(mode, scope, "bytes_read", variants)
+                         + model.formula(mode, scope, "bytes_written", variants))
     if metric in ("params", "weight_bytes", "active_params"):
-        t = param_totals(mode if mode is not None else _SYMBOLIC_CROP, scope, variants)
-        expr = {"params": t.params, "weight_bytes": t.weight_bytes, "active_params": t.active}[metric]
-        return expr.subs(m.mode_values(mode)) if mode is not None else expr
+        t = param_totals(model, mode, scope, variants)
+        return sub({"params": t.params, "weight_bytes": t.weight_bytes, "active_params": t.active}[metric])
     if metric == "peak_activation_bytes":
-        expr = peak_formula(mode if mode is not None else _SYMBOLIC_CROP, scope, variants)
-        return expr.subs(m.mode_values(mode)) if mode is not None else expr
+        return sub(peak_formula(model, mode, scope, variants))
     if metric == "kv_cache_bytes":
-        if not (scope.startswith("decoder") or scope in m.COMPOSITE):
-            raise ValueError(f"kv_cache_bytes is a language-model metric: choose a decoder scope or e2e, "
-                             f"not {scope!r}")
-        from graphs.decoder import prompt_length
-
-        crop = True if mode is None else mode.crop_mode
-        prompt = prompt_length(crop)
-        context = prompt if scope == "decoder.prefill" else prompt + S.output_tokens - 1
-        expr = kv_cache_expr(context)
-        return expr.subs(m.mode_values(mode)) if mode is not None else expr
-    raise ValueError(f"unknown metric {metric!r}")
-
-
-class _SymbolicCrop:
-    """Crop mode with every size symbolic (formula without --mode)."""
-    crop_mode = True
-    name = None
-
-
-_SYMBOLIC_CROP = _SymbolicCrop()
-
-
-def extra_form(kind: str, mode, scope: str, metric: str, grid_multiple=None, variants=None):
-    """A `costgraph.forms.Form` of a derived metric, through the same assumptions as `forms.build`."""
-    from . import forms
-
-    if kind not in forms.FORMS:
-        raise ValueError(f"unknown form {kind!r} (choose from {', '.join(forms.FORMS)})")
-    expr = extra_expr(mode, scope, metric, variants)
-    name = mode.name if mode is not None else None
-    notes = (EXTRA_NOTES[metric],)
-    if kind == "general":
-        return forms.Form(kind, metric, scope, name, expr, notes=notes)
-    if kind == "coefficients" and mode is None:
-        raise ValueError("the coefficients form needs a mode (--mode): its coefficients are numbers")
-    if grid_multiple is not None and mode is not None:
-        raise ValueError("--grid-multiple applies to symbolic sizes only (no --mode)")
-    assumptions, otherwise = [], ()
-    expr, tiled, otherwise = forms.assume_tiled(expr)
-    if tiled:
-        assumptions.append(tiled)
-    expr, aligned, mult = forms.assume_aligned(expr, grid_multiple)
-    if aligned:
-        assumptions.append(aligned)
-        otherwise = tuple((case, forms.assume_aligned(v, mult)[0]) for case, v in otherwise)
-    expr = sp.expand(expr.doit()) if not expr.has(sp.Max) else expr.doit()
-    form = forms.Form(kind, metric, scope, name, expr, tuple(assumptions), otherwise, notes)
-    if kind == "simplified" and not form.is_polynomial:
-        # a peak is a Max over live sets: no polynomial to show by term; the exact form instead
-        return forms.Form("general", metric, scope, name, extra_expr(mode, scope, metric, variants),
-                          notes=notes + ("not a polynomial in the layout (a Max): the general form is shown",))
-    return form
-
-
-EXTRA_NOTES = {
-    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs).",
-    "params": "parameters the scope's nodes execute, each module once (not multiplied by crops or decode steps); "
-              "the checkpoint (resident) count is `costgraph cost --metrics params`.",
-    "weight_bytes": "bytes of the executed parameters at the storage dtype (the MoE router in fp32).",
-    "active_params": "parameters one token uses: routed experts count experts_per_token of routed_experts, the "
-                     "embedding table one row.",
-    "peak_activation_bytes": "peak live bytes of op outputs (liveness in execution order; inputs, weights and KV "
-                             "cache excluded); the crop batch holds w_crop*h_crop views; decode at t = "
-                             "output_tokens-1; a scope's peak is the Max of its stages'.",
-    "kv_cache_bytes": "KV cache bytes: K and V of every layer for every cached token (prefill: the prompt; decode: "
-                      "the final context prompt + output_tokens - 1).",
-}
+        lm = getattr(model, "lm_scope", None)
+        if not model.generates or not (scope.startswith(lm) or scope in model.composites):
+            raise ValueError(f"kv_cache_bytes is a language-model metric: choose a {lm or 'language-model'} scope "
+                             f"or a composite, not {scope!r}")
+        prompt = model.prompt_length(mode)
+        context = prompt if scope == model.prefill_scope else prompt + S.output_tokens - 1
+        return sub(model.kv_cache_bytes(context))
+    raise ValueError(f"unknown metric {metric!r} (choose from {', '.join(METRICS + DERIVED)})")

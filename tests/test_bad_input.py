@@ -5,7 +5,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from costgraph.cli import main
+from costgraph.app.cli import main
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from costgraph.cli import main
+from costgraph.app.cli import main
 from costgraph.cost import METRICS
-from graphs.config import MODES
+from graphs.deepseek_ocr.config import MODES
 from verify.profile import count_views
 
 

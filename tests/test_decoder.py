@@ -6,10 +6,10 @@ import torch
 
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
-from graphs import deepseek_ocr as model
-from graphs.config import LM, MODES, LMConfig
-from graphs.decoder import Variants, decoder_graph, prompt_length
-from graphs.layout import all_grids, crops_run, layout_for_grid, tokens_for
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import LM, MODES, LMConfig
+from graphs.deepseek_ocr.decoder import Variants, decoder_graph, prompt_length
+from graphs.deepseek_ocr.layout import all_grids, crops_run, layout_for_grid, tokens_for
 from verify.lm_profile import DECODE, PREFILL, LMRequest, verify_lm
 from verify.lm_reference import build_language_model, check_dtypes
 

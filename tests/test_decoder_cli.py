@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from costgraph.cli import main
-from graphs.config import LM
+from costgraph.app.cli import main
+from graphs.deepseek_ocr.config import LM
 
 
 def run(capsys, *argv):

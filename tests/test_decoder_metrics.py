@@ -8,11 +8,11 @@ import torch
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.ops import prod
-from graphs import deepseek_ocr as model
-from graphs.config import LM, MODES, LMConfig
-from graphs.decoder import (Variants, converts, decoder_graph, experts_hit_bound, kv_cache_bytes,
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import LM, MODES, LMConfig
+from graphs.deepseek_ocr.decoder import (Variants, converts, decoder_graph, experts_hit_bound, kv_cache_bytes,
                             kv_cache_bytes_per_token, prompt_length)
-from graphs.layout import layout_for_grid, tokens_for
+from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 from verify.lm_profile import (DECODE, KV_CACHE, OTHER_METRICS, PREFILL, LMRequest, checked_metrics, compare_lm,
                                lm_graph, module_for, run_reference, verify_lm)
 from verify.lm_reference import build_language_model

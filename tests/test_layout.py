@@ -2,8 +2,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from graphs.config import MODES
-from graphs.layout import candidate_grids, layout_for, padded_size, tokens_for
+from graphs.deepseek_ocr.config import MODES
+from graphs.deepseek_ocr.layout import candidate_grids, layout_for, padded_size, tokens_for
 
 GUNDAM = MODES["gundam"]
 

@@ -60,10 +60,10 @@ def test_symbolic_max_keeps_incomparable_candidates():
 
 # ---- the real graphs ------------------------------------------------------------------------------
 
-from graphs import deepseek_ocr as model                                            # noqa: E402
-from graphs.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig       # noqa: E402
-from graphs.decoder import decoder_graph                                            # noqa: E402
-from graphs.layout import layout_for_grid                                           # noqa: E402
+from graphs.deepseek_ocr import assembly as model                                            # noqa: E402
+from graphs.deepseek_ocr.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig       # noqa: E402
+from graphs.deepseek_ocr.decoder import decoder_graph                                            # noqa: E402
+from graphs.deepseek_ocr.layout import layout_for_grid                                           # noqa: E402
 
 SMALL_VISION = VisionConfig(sam=SamConfig(width=32, depth=3, heads=2, mlp_dim=64, global_blocks=(2,), neck_channels=16,
                                           compressor_channels=(24, 32)),

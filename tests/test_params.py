@@ -6,9 +6,9 @@ import torch
 
 from costgraph import params as P
 from costgraph import symbols as S
-from graphs import deepseek_ocr as model
-from graphs.config import LM, LMConfig, VISION
-from graphs.decoder import decoder_graph
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import LM, LMConfig, VISION
+from graphs.deepseek_ocr.decoder import decoder_graph
 
 SMALL = LMConfig(hidden=64, layers=3, heads=4, head_dim=16, vocab=101, dense_intermediate=96,
                  routed_experts=8, experts_per_token=3, moe_intermediate=24, shared_experts=2)

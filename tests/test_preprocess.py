@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from graphs.config import MODES
-from graphs.layout import layout_for, layout_for_grid
+from graphs.deepseek_ocr.config import MODES
+from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
 from verify.preprocess import (Views, check_views, crop_images, expected_shapes, meta_views, random_views,
                                to_tensor, views_from_file, views_from_image)
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from costgraph import sweep as SW
-from costgraph.cli import main
+from costgraph.app import sweep as SW
+from costgraph.app.cli import main
 from costgraph.cost import METRICS
-from graphs import deepseek_ocr as model
-from graphs.config import MODES
-from graphs.layout import candidate_grids, layout_for, layouts_for
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import MODES
+from graphs.deepseek_ocr.layout import candidate_grids, layout_for, layouts_for
 
 GUNDAM = MODES["gundam"]
 

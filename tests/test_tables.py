@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from costgraph import tables
-from costgraph.cli import main
+from costgraph.app import tables
+from costgraph.app.cli import main
 from costgraph.cost import METRICS
-from graphs import deepseek_ocr as model
-from graphs.config import MODES
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import MODES
 
 
 def run(capsys, *argv):

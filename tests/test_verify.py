@@ -5,12 +5,12 @@ import re
 import pytest
 import torch
 
-from costgraph.cli import main
+from costgraph.app.cli import main
 from costgraph.graph import CostGraph
-from graphs import deepseek_ocr as model
-from graphs import vision
-from graphs.config import MODES, ClipConfig, SamConfig, VisionConfig
-from graphs.layout import layout_for_grid, tokens_for
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr import vision
+from graphs.deepseek_ocr.config import MODES, ClipConfig, SamConfig, VisionConfig
+from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 from verify import mapping
 from verify.compare import Row
 from verify.preprocess import meta_views, views_from_file

@@ -7,9 +7,9 @@ import sympy as sp
 
 from costgraph import symbols as S
 from costgraph.evaluate import Compiled, substitute
-from graphs import deepseek_ocr as model
-from graphs.config import MODES
-from graphs.layout import all_grids, layout_for_grid
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import MODES
+from graphs.deepseek_ocr.layout import all_grids, layout_for_grid
 from verify.profile import count_views
 
 GUNDAM = MODES["gundam"]
@@ -72,7 +72,7 @@ def test_general_formula_matches_every_mode():
 
 
 def test_token_grid_of_graph_matches_token_count():
-    from graphs.layout import image_tokens
+    from graphs.deepseek_ocr.layout import image_tokens
     g = model.vision_graph(True)
     seq = [n for n in g.nodes() if n.endswith("assemble.sequence")][0]
     slots = g.g.nodes[seq]["out_shape"][0]

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 import pytest
 
-from graphs import deepseek_ocr as model
-from graphs.config import ClipConfig, Mode, SamConfig, VisionConfig
-from graphs.layout import layout_for_grid, tokens_for
+from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr.config import ClipConfig, Mode, SamConfig, VisionConfig
+from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 from verify import mapping
 from verify.dispatch import Call, MetricRecorder
 from verify.preprocess import random_views

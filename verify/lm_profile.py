@@ -49,10 +49,10 @@ import torch
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph
-from graphs import deepseek_ocr as model_graph
-from graphs.config import DEFAULT_DTYPE, DTYPES, LM, LMConfig, Mode
-from graphs.decoder import Variants, decoder_graph, experts_hit_bound, kv_cache_bytes_per_token
-from graphs.layout import Layout, tokens_for
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, LM, LMConfig, Mode
+from graphs.deepseek_ocr.decoder import Variants, decoder_graph, experts_hit_bound, kv_cache_bytes_per_token
+from graphs.deepseek_ocr.layout import Layout, tokens_for
 from .compare import Comparison, Row
 from .dispatch import MetricRecorder
 from .profile import COMPUTE_OP, OpCounter
@@ -561,9 +561,9 @@ def _page_cases(req) -> list[tuple[Mode, Layout]]:
     if req.image:
         return [(m, model_graph.layout_for_image(req.image, m, req.max_num)) for m in req.modes]
     if req.grid:
-        from graphs.layout import layout_for_grid
+        from graphs.deepseek_ocr.layout import layout_for_grid
         return [(m, layout_for_grid(*req.grid, m)) for m in req.modes]
-    from graphs.layout import layout_for
+    from graphs.deepseek_ocr.layout import layout_for
     return [(m, layout_for(*req.size, m, max_num=req.max_num)) for m in req.modes]
 
 

@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch import nn
 
-from graphs.config import LM, LMConfig
+from graphs.deepseek_ocr.config import LM, LMConfig
 
 MAX_POSITIONS = 8192   # rotary cache size in the config; not a cost parameter
 _BLOCK = 1_000_003     # prime length of the random block tiled over every weight

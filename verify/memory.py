@@ -30,6 +30,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from costgraph import stages
+from graphs.deepseek_ocr import MODEL
+
 
 @dataclass
 class Section:
@@ -177,9 +180,7 @@ class PeakRow:
 
 
 def _predicted(mode, stage: str, values: dict, variants=None) -> dict:
-    from costgraph import stages
-
-    p = stages.stage_peak(mode, stage, variants)
+    p = stages.stage_peak(MODEL, mode, stage, variants)
     names = {(k.name if hasattr(k, "name") else k): v for k, v in values.items()}
     return p.at({k: names[k] for k in p.args})
 
@@ -189,7 +190,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 def vision_peaks(views, model=None) -> list[PeakRow]:
     """Peak per view batch of the page reference on CPU (its dtype: the weights') against the graph."""
-    from graphs import deepseek_ocr as model_graph
+    from graphs.deepseek_ocr import assembly as model_graph
     from .reference import build_page_reference
 
     model = build_page_reference("cpu") if model is None else model
@@ -211,8 +212,8 @@ def lm_peaks(mode, layout, text_tokens: int, decode_steps: int, variants, model=
              image_features=None) -> list[PeakRow]:
     """Peaks of the prefill and of each decode step of the LM reference (CPU) against the graph."""
     from costgraph import symbols as S
-    from graphs import deepseek_ocr as model_graph
-    from graphs.layout import tokens_for
+    from graphs.deepseek_ocr import assembly as model_graph
+    from graphs.deepseek_ocr.layout import tokens_for
     from .lm_reference import build_language_model
 
     if model is None:

@@ -28,8 +28,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from graphs.config import Mode
-from graphs.layout import Layout
+from graphs.deepseek_ocr.config import Mode
+from graphs.deepseek_ocr.layout import Layout
 from .reference import build_deep_encoder
 
 aten = torch.ops.aten
@@ -172,11 +172,3 @@ def count_views(side: int, batch: int, model=None) -> FlopCounterMode:
     with OpCounter() as fc, torch.no_grad():
         model(x)
     return fc
-
-
-def count_vision_meta(mode: Mode, layout: Layout) -> Measured:
-    """The views the vendor runs for a page, counted on `meta` (see `verify.runner`)."""
-    from .runner import measure_page
-    from .preprocess import meta_views
-
-    return measure_page(meta_views(mode, layout))[0]

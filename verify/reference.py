@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.config import VISION, VisionConfig
+from graphs.deepseek_ocr.config import VISION, VisionConfig
 
 
 def _sam(cfg: VisionConfig):

@@ -1,7 +1,7 @@
 """Verification results for people (a table; Markdown for a review) and for scripts (JSON)."""
 from __future__ import annotations
 
-from costgraph.cli import human, table
+from costgraph.render import human, table
 from .compare import Comparison, Row
 
 MAX_FAILING_ROWS = 40  # per comparison in the text and Markdown outputs (JSON has them all)

@@ -28,9 +28,9 @@ import sympy as sp
 import torch
 
 from costgraph.evaluate import Compiled
-from graphs import deepseek_ocr as model_graph
-from graphs.config import DEFAULT_DTYPE, DTYPES, MAX_CROPS, MODES, VISION, Mode, VisionConfig
-from graphs.layout import Layout, all_grids, layout_for, layout_for_grid
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, MAX_CROPS, MODES, VISION, Mode, VisionConfig
+from graphs.deepseek_ocr.layout import Layout, all_grids, layout_for, layout_for_grid
 from .compare import Comparison, Row
 from .dispatch import Call, MetricRecorder
 from .mapping import METRICS as OP_METRICS, metric_claims, node_claims
@@ -310,3 +310,8 @@ def peak_rss_mib() -> int:
 
 
 VERIFIERS: dict[str, Callable[[Request], list[Comparison]]] = {"vision": verify_vision}
+
+
+def count_vision_meta(mode: Mode, layout: Layout) -> Measured:
+    """The views the vendor runs for a page, counted on `meta`."""
+    return measure_page(meta_views(mode, layout))[0]

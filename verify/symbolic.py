@@ -31,9 +31,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from costgraph import symbols as S
-from graphs import deepseek_ocr as model_graph
-from graphs.config import MODES, Mode
-from graphs.layout import crops_run
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import MODES, Mode
+from graphs.deepseek_ocr.layout import crops_run
 from .mapping import node_claims
 from .profile import OpCounter, meta_encoder
 

@@ -24,9 +24,10 @@ from costgraph import roofline as RL
 from costgraph import stages
 from costgraph import symbols as S
 from costgraph.hardware import calibrate
-from graphs import deepseek_ocr as model_graph
-from graphs.config import MODES
-from graphs.layout import layout_for_grid, tokens_for
+from graphs.deepseek_ocr import MODEL
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import MODES
+from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 
 VISION_CASES = (("tiny", (1, 1)), ("base", (1, 1)), ("gundam", (2, 1)))
 LM_CASES = (("tiny", (1, 1)), ("gundam", (2, 3)))
@@ -34,7 +35,7 @@ LM_CASES = (("tiny", (1, 1)), ("gundam", (2, 3)))
 
 def predicted(mode, scope: str, dtype: str, values: dict, hw, steps=None) -> float:
     """Roofline seconds of one execution of `scope` (decode: the mean over `steps`)."""
-    g = stages.graph(mode)
+    g = stages.graph(MODEL, mode)
     fixed = {**model_graph.mode_values(mode), **model_graph.dtype_values(dtype)}
     v = {(k.name if hasattr(k, "name") else k): x for k, x in values.items()}
     if steps is not None:
@@ -121,7 +122,7 @@ def language_model(repeats: int, hw, decode_steps: int = 4) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from costgraph.cli import table
+    from costgraph.render import table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2)

@@ -15,9 +15,9 @@ from collections import defaultdict
 import torch
 
 from costgraph import params as P
-from costgraph.stages import count
-from graphs import deepseek_ocr as model_graph
-from graphs.config import DTYPES, LM
+from costgraph.evaluate import substitute
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import DTYPES, LM, MODES
 from .compare import Comparison, Row
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,6 +32,8 @@ def graph_parts(graph, root: str, dtype: str) -> dict[str, tuple[int, int]]:
     """(params, weight bytes) per part of the resident weights under `root` (vision or decoder)."""
     out: dict[str, list] = defaultdict(lambda: [0, 0])
     dv = model_graph.dtype_values(dtype)
+    # weights hold the (symbolic) SAM patch size; the checkpoint's is the config's
+    count = lambda e, extra=None: substitute(e, {**model_graph.mode_values(MODES["gundam"]), **(extra or {})})
     for (r, path), w in P.by_module(graph, graph.nodes(root), executed_only=False).items():
         slot = out[_part(path)]
         slot[0] += count(w.count)

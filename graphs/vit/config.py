@@ -32,6 +32,11 @@ class VitConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+    @property
+    def note(self) -> str:
+        return (f"{self.layers} layers of width {self.hidden}, {self.heads} heads, MLP {self.mlp_dim}; "
+                f"{self.image_size}x{self.image_size} px in patches of {self.patch_size}, {self.num_labels} labels")
+
 
 VARIANTS: dict[str, VitConfig] = {c.name: c for c in (
     VitConfig(),

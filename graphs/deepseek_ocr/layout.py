@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import sympy as sp
 
-from costgraph import symbols as S
+from . import symbols as S
 from .config import MAX_CROPS, MIN_CROPS, NO_CROP_THRESHOLD, VISION, Mode
 
 
@@ -99,7 +99,9 @@ def layouts_for(widths, heights, mode: Mode, min_num: int = MIN_CROPS, max_num: 
     w = np.asarray(widths, dtype=np.int64).ravel()
     h = np.asarray(heights, dtype=np.int64).ravel()
     check_pages(w, h, mode)
-    if not 1 <= min_num <= max_num:
+    if min_num == MIN_CROPS:
+        check_max_num(max_num)
+    elif not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
     tiled = np.zeros(w.shape, dtype=bool) if not mode.crop_mode else \
         ~((w <= NO_CROP_THRESHOLD) & (h <= NO_CROP_THRESHOLD))
@@ -120,6 +122,25 @@ def layout_for_grid(w_crop: int, h_crop: int, mode: Mode) -> Layout:
         raise ValueError(f"mode {mode.name!r} does not crop; only the 1x1 grid applies")
     tiled = mode.crop_mode and w_crop * h_crop > 1
     return Layout(mode.image_size * w_crop, mode.image_size * h_crop, w_crop, h_crop, tiled)
+
+
+def check_grid(grid, mode: Mode, max_num: int = MAX_CROPS, what_if: bool = False) -> str | None:
+    """A grid given directly must be one the layout rule can produce under `max_num` (1x1: no crops);
+    any other is refused, or with `what_if` accepted and labelled (the returned note)."""
+    check_max_num(max_num)
+    grid = tuple(grid)
+    if not mode.crop_mode or grid == (1, 1) or grid in candidate_grids(MIN_CROPS, max_num):
+        return None
+    why = (f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} crops: the layout never produces more than --max-num "
+           f"{max_num}" if grid[0] * grid[1] > max_num else f"{grid[0]}x{grid[1]} is not a grid the layout produces")
+    if not what_if:
+        raise ValueError(f"grid {why}; pass --what-if to cost it anyway (labelled as a what-if)")
+    return f"what-if: {why}"
+
+
+def check_max_num(max_num) -> None:
+    if isinstance(max_num, bool) or not isinstance(max_num, int) or not MIN_CROPS <= max_num <= 64:
+        raise ValueError(f"--max-num must be an integer from {MIN_CROPS} (the vendor's min_num) to 64, got {max_num}")
 
 
 def all_grids(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[tuple[int, int]]:

@@ -9,6 +9,14 @@ import time
 
 import numpy as np
 
+from costgraph import forms
+from costgraph.evaluate import Compiled
+from costgraph.cost import METRICS
+from costgraph.stages import DERIVED, totals
+from graphs.deepseek_ocr import assembly, layout as L
+from . import sweep as SW
+from .models import get_model
+
 
 def _timed(fn):
     t = time.perf_counter()
@@ -17,27 +25,25 @@ def _timed(fn):
 
 
 def main(layouts: int = 1_000_000) -> dict:
-    from graphs import deepseek_ocr as model
-    from graphs.config import MODES
-    from .evaluate import Compiled
-
-    model.vision_graph.cache_clear()
-    model.formula.cache_clear()
-    graph, t_build = _timed(lambda: model.vision_graph(True))
-    _, t_totals = _timed(lambda: {s: graph.total(s).flops for s in model.SCOPES})
-    mode = MODES["gundam"]
-    exprs = {s: model.formula(mode, s, "flops") for s in model.SCOPES}
+    model = get_model("deepseek-ocr")
+    assembly.vision_graph.cache_clear()
+    assembly.formula.cache_clear()
+    graph, t_build = _timed(lambda: assembly.vision_graph(True))
+    _, t_totals = _timed(lambda: {s: graph.total(s).flops for s in assembly.SCOPES})
+    mode = model.get_mode("gundam")
+    exprs = {s: assembly.formula(mode, s, "flops") for s in assembly.SCOPES}
     compiled, t_compile = _timed(lambda: Compiled(exprs))
     rng = np.random.default_rng(0)
     w = rng.integers(1, 10, layouts)
     h = rng.integers(1, 10, layouts)
     result, t_eval = _timed(lambda: compiled(w_crop=w, h_crop=h))
 
-    from verify.profile import count_vision_meta
+    from verify.runner import count_vision_meta  # torch: loaded only when the benchmark runs
 
-    layout = model.layout_for(1654, 2339, mode)
+    layout = L.layout_for(1654, 2339, mode)
     measured, t_ref = _timed(lambda: count_vision_meta(mode, layout).total())
-    predicted = model.layout_totals(mode, layout, ["vision"], ["flops"])["vision"]["flops"]
+    point = model.point(mode, size=(1654, 2339))
+    predicted = totals(model, mode, point, ["vision"], ["flops"], model.variants(), "bf16")["vision"]["flops"]
 
     per_compiled = t_eval / layouts
     figures = {
@@ -52,23 +58,49 @@ def main(layouts: int = 1_000_000) -> dict:
         "reference_matches": measured == predicted,
     }
     print(f"graph build (cold, {figures['graph_nodes']} nodes): {t_build:.3f} s")
-    print(f"symbolic totals ({len(model.SCOPES)} scopes):        {t_totals:.3f} s")
+    print(f"symbolic totals ({len(assembly.SCOPES)} scopes):        {t_totals:.3f} s")
     print(f"compile (lambdify, gundam):              {t_compile:.3f} s")
     print(f"compiled evaluation of {layouts:,} layouts: {t_eval:.3f} s ({per_compiled * 1e9:.1f} ns/layout)")
     print(f"meta reference, one layout (2x3 + global): {t_ref:.3f} s, matches: {figures['reference_matches']}")
     print(f"compiled path is {figures['speedup_per_layout']:,.0f}x faster per layout")
     assert result["vision"].shape == (layouts,)
     figures.update(sweep_figures())
+    figures.update(formula_figures())
     figures.update(verify_figures())
     return figures
 
 
+def formula_figures() -> dict:
+    """Every `formula` (metric x scope x mode x form), cold: the slowest, which must stay under 10 s."""
+    model = get_model("deepseek-ocr")
+    times = []
+    for mode_name in [None] + list(model.modes):
+        mode = model.get_mode(mode_name) if mode_name else None
+        for scope in model.scopes(mode):
+            for metric in METRICS + DERIVED:
+                for kind in forms.FORMS:
+                    if kind == "coefficients" and mode is None:
+                        continue
+                    if metric == "kv_cache_bytes" and not (scope.startswith("decoder") or scope == "e2e"):
+                        continue
+                    t = time.perf_counter()
+                    f = forms.build(model, kind, mode_name, scope, metric)
+                    f.latex()
+                    f.plain()
+                    times.append((time.perf_counter() - t, f"{mode_name or 'symbolic'} {scope} {metric} {kind}"))
+    times.sort(reverse=True)
+    print(f"formula, every metric x scope x mode x form ({len(times)} forms): {sum(t for t, _ in times):.1f} s; "
+          f"slowest {times[0][0]:.2f} s ({times[0][1]})")
+    return {"formula_forms": len(times), "formula_total_s": sum(t for t, _ in times), "formula_slowest_s": times[0][0],
+            "formula_slowest": times[0][1]}
+
+
 def verify_figures() -> dict:
     """`costgraph verify --all-grids --device meta`: every mode and grid, node by node."""
-    from graphs.config import MODES
-    from verify.runner import Request, verify_vision
+    from verify.runner import Request, verify_vision  # torch: loaded only when the benchmark runs
 
-    comps, t = _timed(lambda: verify_vision(Request(modes=list(MODES.values()), all_grids=True)))
+    model = get_model("deepseek-ocr")
+    comps, t = _timed(lambda: verify_vision(Request(modes=list(model.modes.values()), all_grids=True)))
     nodes = sum(c.nodes_compared for c in comps)
     ok = all(c.ok for c in comps)
     print(f"verify all grids on meta ({len(comps)} cases, {nodes:,} nodes compared): {t:.3f} s, all exact: {ok}")
@@ -78,11 +110,7 @@ def verify_figures() -> dict:
 def sweep_figures(pages: int = 100_000) -> dict:
     """`costgraph sweep` on random page sizes: the layout rule and tokens and every scope x metric,
     compiled once (timed apart), checked against exact substitution at a few points."""
-    from graphs import deepseek_ocr as model
-    from graphs.config import MODES
-    from graphs.layout import layout_for
-    from . import sweep as SW
-
+    model = get_model("deepseek-ocr")
     rng = np.random.default_rng(0)
     w = rng.integers(100, 6000, pages)
     h = rng.integers(100, 6000, pages)
@@ -91,10 +119,11 @@ def sweep_figures(pages: int = 100_000) -> dict:
     s, t_sweep = _timed(lambda: SW.sweep_pages("gundam", w, h))
     _, t_csv = _timed(s.to_csv)
     _, t_json = _timed(s.to_json)
-    mode = MODES["gundam"]
+    mode = model.get_mode("gundam")
     checked = 0
     for k in rng.integers(0, pages, 20):
-        exact = model.layout_totals(mode, layout_for(int(w[k]), int(h[k]), mode), s.scopes, s.metrics)
+        point = model.point(mode, size=(int(w[k]), int(h[k])))
+        exact = totals(model, mode, point, s.scopes, s.metrics, model.variants(), "bf16")
         checked += all(int(s.value(sc, m)[k]) == v for sc, ms in exact.items() for m, v in ms.items())
     print(f"sweep of {pages:,} page sizes (layout + tokens + {len(s.scopes)} scopes x {len(s.metrics)} metrics): "
           f"{t_sweep:.3f} s; first call (formulas + compile): {t_first:.3f} s; "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
+
 
 @dataclass(frozen=True)
 class SamConfig:
@@ -78,9 +80,8 @@ NORM_MEAN = NORM_STD = (0.5, 0.5, 0.5)
 
 VISION = VisionConfig()
 
-# Storage dtypes: bytes per element (the symbol `dtype_bytes`). bf16 is the vendor's.
-DTYPES = {"bf16": 2, "fp32": 4}
-DEFAULT_DTYPE = "bf16"
+# Storage dtypes: the engine's one table (bf16, the vendor's, is the default).
+DTYPES, DEFAULT_DTYPE = STORAGE, DEFAULT_STORAGE
 
 
 def get_mode(name: str) -> Mode:
@@ -130,6 +131,10 @@ class LMConfig:
 
 
 LM = LMConfig()
+
+# Positions the language model runs (max_position_embeddings; vLLM's max_model_len): a prompt plus
+# its generated tokens, prompt + output_tokens - 1 cached at the last step, must fit.
+MAX_POSITIONS = 8192
 
 # Prompt text after the image slots. The vendor's default OCR prompt,
 # "\n<|grounding|>Convert the document to markdown.", is a handful of tokens; the tokenizer is

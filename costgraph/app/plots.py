@@ -20,8 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from .cost import Cost  # noqa: E402
-from .io import write_atomic  # noqa: E402
+from costgraph.cost import Cost  # noqa: E402
+from costgraph.io import write_atomic  # noqa: E402
+from .models import get_model  # noqa: E402
 
 _PREFIXES = ((1e15, "P", 15), (1e12, "T", 12), (1e9, "G", 9), (1e6, "M", 6), (1e3, "k", 3))
 
@@ -55,9 +56,7 @@ def branches(sweep, metric: str) -> dict[str, np.ndarray]:
 
     They add up to the whole run: this is what the stacked plots show.
     """
-    from graphs.deepseek_ocr import COMPOSITE
-
-    scopes = [s for s in sweep.scopes if s not in COMPOSITE]
+    scopes = [s for s in sweep.scopes if s not in sweep.composites]
     out = {}
     for s in scopes:
         kids = [c for c in scopes if c.rpartition(".")[0] == s]
@@ -72,11 +71,9 @@ def branches(sweep, metric: str) -> dict[str, np.ndarray]:
 
 def total_name(sweep) -> str:
     """The composite scope covering the run if the sweep has one (e2e), else the sum of the branches."""
-    from graphs.deepseek_ocr import COMPOSITE
-
-    whole = [s for s in sweep.scopes if s in COMPOSITE]
+    whole = [s for s in sweep.scopes if s in sweep.composites]
     if whole:
-        return f"{whole[0]} = " + " + ".join(COMPOSITE[whole[0]])
+        return f"{whole[0]} = " + " + ".join(sweep.composites[whole[0]])
     roots = [s for s in sweep.scopes if "." not in s]
     return roots[0] if len(roots) == 1 else "sum of " + " + ".join(roots)
 
@@ -86,14 +83,14 @@ def total(sweep, metric: str) -> np.ndarray:
 
 
 def subtitle(sweep) -> str:
-    from graphs import deepseek_ocr as model
-
+    model = get_model(sweep.model or None)
     mode = model.get_mode(sweep.mode)
     p = sweep.params
     parts = [f"{mode.name}: {mode.note}"]
-    if mode.crop_mode:
+    if getattr(mode, "crop_mode", False):
         parts.append(f"at most {p['max_num']} crops")
-    if any(s.startswith("decoder") or s in model.COMPOSITE for s in sweep.scopes):
+    lm = getattr(model, "lm_scope", None)
+    if lm and any(s.startswith(lm) or s in sweep.composites for s in sweep.scopes):
         v = p.get("variants") or {}
         parts.append(f"text_tokens={p['text_tokens']}, output_tokens={p['output_tokens']}"
                      + (", " + " ".join(f"{k}={x}" for k, x in v.items()) if v else ""))
@@ -172,7 +169,7 @@ def cost_vs_crops(sweep, base: str) -> list[str]:
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=8,
                   title=f"branch (stacked; total: {total_name(sweep)})", title_fontsize=8)
         ax.set_title(f"{metric_label(metric)} per page by branch vs crop grid", fontsize=11)
-    fig.suptitle(f"DeepSeek-OCR {sweep.mode}: cost of one page vs crop grid\n{subtitle(sweep)}", fontsize=11)
+    fig.suptitle(f"{sweep.label} {sweep.mode}: cost of one page vs crop grid\n{subtitle(sweep)}", fontsize=11)
     _finish(fig, _CONVENTION + ". 1x1: a page within 640x640 px, global view only.")
     return _save(fig, base)
 
@@ -216,7 +213,7 @@ def crop_heatmap(sweep, base: str) -> list[str]:
         ax.set_ylabel("h_crop (tiles down)")
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
-    fig.suptitle(f"DeepSeek-OCR {sweep.mode}: tokens and cost per crop grid\n{subtitle(sweep)}", fontsize=11)
+    fig.suptitle(f"{sweep.label} {sweep.mode}: tokens and cost per crop grid\n{subtitle(sweep)}", fontsize=11)
     _finish(fig, f"Grey: grids the layout never produces (w_crop*h_crop > {sweep.params['max_num']}). "
                        "Cell 1x1: no crops (page within 640x640 px). " + _CONVENTION + ".")
     return _save(fig, base)
@@ -304,7 +301,7 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
     axes[0, 0].legend(title="grid chosen", fontsize=7, title_fontsize=8, ncol=1 if len(names) < 12 else 2,
                       loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1 if small else 4)
     src = sweep.params.get("source", "pages")
-    fig.suptitle(f"DeepSeek-OCR {sweep.mode}: tokens and cost vs page aspect ratio ({n_pages:,} pages, {src})\n"
+    fig.suptitle(f"{sweep.label} {sweep.mode}: tokens and cost vs page aspect ratio ({n_pages:,} pages, {src})\n"
                  f"{subtitle(sweep)}", fontsize=11)
     note = "Dotted lines: grid switches. " if one_d else \
         "At one aspect the grid can also depend on the page's area (no crops within 640x640 px; equal-aspect ties). "

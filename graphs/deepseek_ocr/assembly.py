@@ -12,11 +12,11 @@ from functools import lru_cache
 
 import sympy as sp
 
-from costgraph import symbols as S
+from . import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
 from . import decoder, vision
-from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, VISION,
+from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
 from .decoder import VENDOR, Variants
 from .layout import Layout, crops_run, layout_for, layout_for_grid, tokens_for
@@ -28,6 +28,9 @@ E2E = "e2e"
 COMPOSITE = {E2E: ("vision", "decoder")}
 # What a report of `e2e` breaks it into.
 E2E_PARTS = ("vision", "decoder.prefill", "decoder.decode")
+# Stages: scopes that run as one step (a liveness pass each); the roofline's rows.
+STAGES = ("vision.global", "vision.crops", "decoder.prefill", "decoder.decode")
+ROOFLINE_STAGES = ("vision", "decoder.prefill", "decoder.decode")
 
 
 @lru_cache(maxsize=None)
@@ -133,18 +136,6 @@ def graph_for(mode: Mode, variants: Variants = VENDOR) -> CostGraph:
 
 # ---- the model-level API the CLI, verifier and benchmarks use ---------------------------
 
-FORMULA_NOTE = ("FLOPs in torch's convention (2 per multiply-add), matmul-class ops only. "
-                "The crop branch runs w_crop*h_crop times; the layout 1x1 (a page within 640x640) "
-                "means no crops, hence the Piecewise factor. The prompt is 1 + text_tokens + image "
-                "tokens; decode sums forwards t = 1..output_tokens-1 over a context of prompt + t.")
-
-
-def get_mode(name: str) -> Mode:
-    from .config import get_mode as _get
-
-    return _get(name)
-
-
 def scopes_for(mode: Mode | None, lm: bool = True) -> tuple[str, ...]:
     """The scopes of a mode: vision's, then (with `lm`) the language model's and `e2e`."""
     vision_scopes = ("vision", "vision.global") if mode is not None and not mode.crop_mode else SCOPES
@@ -152,7 +143,7 @@ def scopes_for(mode: Mode | None, lm: bool = True) -> tuple[str, ...]:
 
 
 def layout_for_image(path: str, mode: Mode, max_num: int = MAX_CROPS) -> Layout:
-    from .pages import open_page
+    from graphs.pages import open_page
 
     with open_page(path) as img:
         return layout_for(img.width, img.height, mode, max_num=max_num)
@@ -192,5 +183,9 @@ def sequence_record(mode: Mode, layout: Layout, text_tokens: int = DEFAULT_TEXT_
     """What the language model runs for a page: prompt length and generated tokens."""
     sequence_values(text_tokens, output_tokens)
     prompt = 1 + text_tokens + tokens_for(layout, mode)["total"]
+    if prompt + output_tokens - 1 > MAX_POSITIONS:
+        raise ValueError(f"the prompt ({prompt} tokens) and {output_tokens:,} output tokens need "
+                         f"{prompt + output_tokens - 1:,} positions; the language model has {MAX_POSITIONS:,} "
+                         f"(at most {MAX_POSITIONS - prompt + 1:,} output tokens for this page)")
     return {"text_tokens": text_tokens, "output_tokens": output_tokens, "prompt_tokens": prompt,
             "decode_forwards": output_tokens - 1, "final_context": prompt + output_tokens - 1}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import sympy as sp
 
 from costgraph import conventions as C
-from costgraph import symbols as S
+from . import symbols as S
 from costgraph.cost import Cost
 from costgraph.graph import ScopeBuilder, Tensor
 from costgraph.ops import FLOAT32, INT64, Spec, ceil_div, register

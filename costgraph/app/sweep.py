@@ -1,8 +1,11 @@
-"""Sweeps: every crop grid, or many page sizes through the real layout rule, with tokens and
-every metric of every scope per point.
+"""Sweeps: every crop grid, or many page sizes through the model's own layout rule, with its
+per-point columns (tokens) and every metric of every scope per point.
 
 The expressions are compiled once per mode (`costgraph.evaluate.Compiled`) and evaluated on
-numpy arrays; the layout rule runs vectorised (`graphs.layout.layouts_for`). No per-point `subs`.
+numpy arrays; the model turns arrays of page sizes into arrays of its symbols vectorised
+(`Model.page_columns`; DeepSeek-OCR: `layout.layouts_for`). No per-point `subs`. The size of the
+work is checked before anything is allocated (`MAX_POINTS`); points the model cannot run (a
+context past its positions) and unreadable images of a folder are reported and left out.
 """
 from __future__ import annotations
 
@@ -11,16 +14,26 @@ import io
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 
-from .cost import METRICS
-from .evaluate import Compiled
+from costgraph.cost import METRICS
+from costgraph.evaluate import Compiled
+from costgraph.io import write_atomic
+from costgraph.render import human, table
+from graphs.pages import open_page
+from .args import (dtype_arg, max_num_arg, mode_arg, model_arg, model_of, sequence_args, sequence_of, variant_args,
+                   variants_of)
+from .models import get_model
+from .text import UserError, parse_size
 
 CHUNK = 1 << 16          # points per evaluation step (and per progress-bar tick)
 PROGRESS_FROM = 200_000  # show a progress bar from this many points on (and only on a terminal)
+MAX_POINTS = 10_000_000  # a sweep's points: about 100 B per point and column; beyond this, refused up front
 
 # Paper sizes in millimetres (ISO 216 A/B series, US), portrait.
 PAPER_MM = {"A3": (297, 420), "A4": (210, 297), "A5": (148, 210), "A6": (105, 148), "B4": (250, 353),
@@ -32,11 +45,9 @@ def _column_name(scope: str, metric: str) -> str:
     return f"{scope}:{metric}"
 
 
-def whole_scope(scopes) -> str:
+def whole_scope(scopes, composites) -> str:
     """The scope covering the whole run: a composite one (e2e) if present, else the first top-level scope."""
-    from graphs.deepseek_ocr import COMPOSITE
-
-    return next((s for s in scopes if s in COMPOSITE), next(s for s in scopes if "." not in s))
+    return next((s for s in scopes if s in composites), next(s for s in scopes if "." not in s))
 
 
 @dataclass
@@ -49,9 +60,13 @@ class Sweep:
     metrics: tuple[str, ...]
     params: dict = field(default_factory=dict)   # max_num, sequence values, source
     no_crop: dict | None = None     # grid sweeps of a crop mode: the 1x1 (no crops) baseline record
+    model: str = ""
+    label: str = ""                 # the model as papers name it (plot titles)
+    composites: dict = field(default_factory=dict)
+    errors: list = field(default_factory=list)   # points left out: {"page"/"width"/..., "error"}
 
     def __len__(self) -> int:
-        return len(self.columns["w_crop"])
+        return len(next(iter(self.columns.values())))
 
     def value(self, scope: str, metric: str) -> np.ndarray:
         return self.columns[_column_name(scope, metric)]
@@ -90,13 +105,12 @@ class Sweep:
         template = "{" + ",".join(fields) + ',"totals":{' + totals + "}}"
         order = ident + [_column_name(s, m) for s in self.scopes for m in self.metrics]
         points = ",\n".join(template % row for row in zip(*(_json_column(self.columns[c]) for c in order)))
-        head = json.dumps({"mode": self.mode, "kind": self.kind, "params": self.params, "scopes": list(self.scopes),
-                           "metrics": list(self.metrics), "no_crop": self.no_crop}, indent=1)
+        head = json.dumps({"model": self.model, "mode": self.mode, "kind": self.kind, "params": self.params,
+                           "scopes": list(self.scopes), "metrics": list(self.metrics), "no_crop": self.no_crop,
+                           "errors": self.errors}, indent=1)
         return head[:-2] + ',\n "points": [\n' + points + "\n ]\n}\n"
 
     def write(self, out_dir: str, plots: bool = True) -> list[str]:
-        from .io import write_atomic
-
         os.makedirs(out_dir, exist_ok=True)
         written = []
         for name, text in (("sweep.csv", self.to_csv()), ("sweep.json", self.to_json())):
@@ -104,7 +118,7 @@ class Sweep:
             write_atomic(path, text)
             written.append(path)
         if plots:
-            from . import plots as P
+            from . import plots as P  # matplotlib: loaded only when plots are drawn
 
             written += P.plots_for(self, out_dir)
         return written
@@ -122,90 +136,78 @@ def _json_column(a: np.ndarray) -> list[str]:
 
 # ---- compiled evaluation -----------------------------------------------------------
 
-def _mode(mode_name: str):
-    from graphs import deepseek_ocr as model
-
-    return model.get_mode(mode_name)
-
-
 @dataclass(frozen=True)
 class Sequence:
-    """What the language model runs besides the layout: prompt text, generated tokens, variants."""
-    text_tokens: int | None = None      # None: the model's default
-    output_tokens: int | None = None
-    variants: object = None             # graphs.decoder.Variants; None: the vendor's
-    dtype: str | None = None            # storage dtype of the bytes metrics; None: the default (bf16)
+    """What the model runs besides the per-point symbols: its sequence values (prompt text, generated
+    tokens), variants and the storage dtype. None: the model's defaults."""
+    model: str | None = None
+    values: tuple = ()                  # (("text_tokens", 10), ("output_tokens", 1000)); () = defaults
+    variants: object = None
+    dtype: str | None = None
 
     def resolved(self) -> "Sequence":
-        from graphs import deepseek_ocr as model
-        from graphs.config import DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS
-
-        seq = Sequence(DEFAULT_TEXT_TOKENS if self.text_tokens is None else self.text_tokens,
-                       DEFAULT_OUTPUT_TOKENS if self.output_tokens is None else self.output_tokens,
-                       model.VENDOR if self.variants is None else self.variants,
-                       DEFAULT_DTYPE if self.dtype is None else self.dtype)
-        model.sequence_values(seq.text_tokens, seq.output_tokens)  # validates
-        model.dtype_values(seq.dtype)
+        m = get_model(self.model)
+        values = {**m.default_sequence(), **dict(self.values)}
+        seq = Sequence(m.name, tuple(values.items()), m.variants() if self.variants is None else self.variants,
+                       "bf16" if self.dtype is None else self.dtype)
+        m.check_sequence(**values)
+        m.dtype_values(seq.dtype)
         return seq
 
-    def values(self) -> dict:
-        from graphs import deepseek_ocr as model
-
-        return {**model.sequence_values(self.text_tokens, self.output_tokens), **model.dtype_values(self.dtype)}
+    def symbol_values(self) -> dict:
+        m = get_model(self.model)
+        return {**m.sequence_values(**dict(self.values)), **m.dtype_values(self.dtype)}
 
     def as_dict(self) -> dict:
-        return {"text_tokens": self.text_tokens, "output_tokens": self.output_tokens, "dtype": self.dtype,
+        return {**dict(self.values), "dtype": self.dtype,
                 "variants": self.variants.as_dict() if self.variants is not None else None}
 
 
 @lru_cache(maxsize=None)
 def compiled(mode_name: str, scopes: tuple[str, ...], metrics: tuple[str, ...], seq: Sequence) -> Compiled:
-    """Tokens and every scope:metric of a mode, compiled once, the sequence values fixed."""
-    from graphs import deepseek_ocr as model
-    from graphs.layout import image_tokens
-
-    mode = _mode(mode_name)
-    tokens = image_tokens(mode)
-    exprs = {"image_tokens": tokens["total"], "paper_tokens": tokens["paper"]}
+    """The model's per-point columns and every scope:metric of a mode, compiled once, the sequence fixed."""
+    model = get_model(seq.model)
+    mode = model.get_mode(mode_name)
+    exprs = dict(model.point_exprs(mode))
     for s in scopes:
         for m in metrics:
             exprs[_column_name(s, m)] = model.formula(mode, s, m, seq.variants)
-    c = Compiled(exprs, fixed=seq.values())
-    left = [a.name for a in c.args if a.name not in ("w_crop", "h_crop")]
+    c = Compiled(exprs, fixed=seq.symbol_values())
+    free = {x.name for x in model.point_symbols}
+    left = [a.name for a in c.args if a.name not in free]
     if left:
         raise ValueError(f"the sweep needs values for: {', '.join(left)}")
     return c
 
 
-def evaluate(mode_name: str, w_crop: np.ndarray, h_crop: np.ndarray, scopes, metrics, seq: Sequence,
-             progress: bool | None = None) -> dict[str, np.ndarray]:
-    """Tokens and scope:metric columns for arrays of grids, in chunks (a tqdm bar for long sweeps)."""
+def evaluate(mode_name: str, points: dict[str, np.ndarray], scopes, metrics, seq: Sequence,
+             progress: bool | None = None, n: int = 1) -> dict[str, np.ndarray]:
+    """Per-point and scope:metric columns for arrays of the model's point symbols (by name), in chunks
+    (a tqdm bar for long sweeps)."""
     from tqdm import tqdm
 
     c = compiled(mode_name, tuple(scopes), tuple(metrics), seq)
-    n = len(w_crop)
+    n = len(next(iter(points.values()))) if points else n
     out = {name: np.empty(n, dtype=np.int64) for name in c.names}
     show = n >= PROGRESS_FROM if progress is None else progress
     with tqdm(total=n, unit="pt", desc=f"sweep {mode_name}", disable=None if show else True,
               leave=False) as bar:
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
-            part = c(w_crop=w_crop[lo:hi], h_crop=h_crop[lo:hi])
+            part = c(**{a.name: points[a.name][lo:hi] for a in c.args})
             for name, arr in part.items():
                 out[name][lo:hi] = np.broadcast_to(arr, (hi - lo,))
             bar.update(hi - lo)
     return out
 
 
-def _scopes(mode_name: str, scopes=None) -> tuple[str, ...]:
-    from graphs import deepseek_ocr as model
-
-    allowed = model.scopes_for(_mode(mode_name))
+def _scopes(model, mode, scopes=None) -> tuple[str, ...]:
+    allowed = model.scopes(mode)
     if scopes is None:
         return tuple(allowed)
     bad = [s for s in scopes if s not in allowed]
     if bad:
-        raise ValueError(f"unknown scope {bad[0]!r} for mode {mode_name} (choose from {', '.join(allowed)})")
+        raise ValueError(f"unknown scope {bad[0]!r} for mode {mode.name} (choose from {', '.join(allowed)})")
     return tuple(scopes)
 
 
@@ -218,68 +220,64 @@ def _metrics(metrics=None) -> tuple[str, ...]:
     return tuple(metrics)
 
 
+def _sweep(model, mode, kind, cols, points, scopes, metrics, seq, params, progress=None, no_crop=None,
+           errors=()) -> Sweep:
+    """Evaluate, then leave out (and report) the points the model cannot run."""
+    cols = dict(cols)
+    cols.update(evaluate(mode.name, points, scopes, metrics, seq, progress, n=len(next(iter(cols.values())))))
+    errors = list(errors)
+    bad = model.unrunnable(cols, dict(seq.values))
+    if bad is not None and bad[0].any():
+        mask, why = bad
+        ident = [c for c in ("page", "grid", "width", "height") if c in cols]
+        for k in np.flatnonzero(mask)[:1000]:
+            errors.append({**{c: cols[c][k].item() for c in ident}, "error": why})
+        if mask.all():
+            raise ValueError(f"no point of the sweep can run: {why}")
+        cols = {c: a[~mask] for c, a in cols.items()}
+    return Sweep(mode.name, kind, cols, scopes, metrics, params, no_crop, model.name, model.label,
+                 dict(model.composites), errors)
+
+
 # ---- sweeps --------------------------------------------------------------------------
 
 def sweep_grids(mode_name: str, grids=None, max_num: int | None = None, seq: Sequence = Sequence(),
                 scopes=None, metrics=None) -> Sweep:
     """Every given crop grid (default: all the layout can produce for max_num, 1x1 excluded)."""
-    from graphs.config import MAX_CROPS
-    from graphs.layout import candidate_grids, layout_for_grid
-
-    mode = _mode(mode_name)
-    if not mode.crop_mode:
-        raise ValueError(f"mode {mode_name!r} does not crop: a grid sweep needs a crop mode (gundam, gundam-m)")
-    max_num = MAX_CROPS if max_num is None else max_num
-    if max_num < 2:
-        raise ValueError(f"max_num must be at least 2, got {max_num}")
-    explicit = grids
-    grids = candidate_grids(2, max_num) if grids is None else [tuple(g) for g in grids]
-    for g in grids:
-        layout_for_grid(*g, mode)  # validates
-    scopes, metrics, seq = _scopes(mode_name, scopes), _metrics(metrics), seq.resolved()
-    w = np.array([g[0] for g in grids], dtype=np.int64)
-    h = np.array([g[1] for g in grids], dtype=np.int64)
-    tiled = w * h > 1
-    cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
-            "num_crops": np.where(tiled, w * h, 0)}
-    cols.update(evaluate(mode_name, w, h, scopes, metrics, seq))
-    base = evaluate(mode_name, np.ones(1, np.int64), np.ones(1, np.int64), scopes, metrics, seq)
-    no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
-               "image_tokens": int(base["image_tokens"][0]), "paper_tokens": int(base["paper_tokens"][0]),
-               "totals": {s: {m: int(base[_column_name(s, m)][0]) for m in metrics} for s in scopes},
-               "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1"}
-    source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
-        f"{a}x{b}" for a, b in grids)
-    params = {"max_num": max_num, **seq.as_dict(), "source": source}
-    return Sweep(mode_name, "grids", cols, scopes, metrics, params, no_crop)
+    seq = seq.resolved()
+    model = get_model(seq.model)
+    mode = model.get_mode(mode_name)
+    cols, points, no_crop_points, params = model.grid_columns(mode, grids, max_num)
+    scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
+    no_crop = None
+    if no_crop_points is not None:
+        base = evaluate(mode_name, no_crop_points, scopes, metrics, seq)
+        no_crop = {**model.no_crop_record(base), "totals": {s: {m: int(base[_column_name(s, m)][0])
+                                                                for m in metrics} for s in scopes}}
+    return _sweep(model, mode, "grids", cols, points, scopes, metrics, seq, {**params, **seq.as_dict()},
+                  no_crop=no_crop)
 
 
 def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq: Sequence = Sequence(),
-                labels=None,
-                scopes=None, metrics=None, source: str = "pages", progress: bool | None = None,
-                curve: bool = False) -> Sweep:
-    """Page sizes through the vendor's layout rule, then tokens and every metric.
+                labels=None, scopes=None, metrics=None, source: str = "pages", progress: bool | None = None,
+                curve: bool = False, errors=()) -> Sweep:
+    """Page sizes through the model's layout rule, then its per-point columns and every metric.
 
     `curve`: the pages are one series (an aspect sweep), which the plots draw as a line with its grid switches.
     """
-    from graphs.config import MAX_CROPS
-    from graphs.layout import layouts_for
-
-    max_num = MAX_CROPS if max_num is None else max_num
+    seq = seq.resolved()
+    model = get_model(seq.model)
+    mode = model.get_mode(mode_name)
     widths = np.asarray(widths, dtype=np.int64).ravel()
     heights = np.asarray(heights, dtype=np.int64).ravel()
     if widths.shape != heights.shape or widths.size == 0:
         raise ValueError("a page sweep needs as many widths as heights, at least one")
-    scopes, metrics, seq = _scopes(mode_name, scopes), _metrics(metrics), seq.resolved()
-    lay = layouts_for(widths, heights, _mode(mode_name), max_num=max_num)
-    cols = {}
+    scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
+    cols, points, params = model.page_columns(mode, widths, heights, max_num)
     if labels is not None:
-        cols["page"] = np.asarray(labels)
-    cols.update({"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
-                 "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops})
-    cols.update(evaluate(mode_name, lay.w_crop, lay.h_crop, scopes, metrics, seq, progress))
-    params = {"max_num": max_num, **seq.as_dict(), "source": source, "curve": curve}
-    return Sweep(mode_name, "pages", cols, scopes, metrics, params)
+        cols = {"page": np.asarray(labels), **cols}
+    params = {**params, **seq.as_dict(), "source": source, "curve": curve}
+    return _sweep(model, mode, "pages", cols, points, scopes, metrics, seq, params, progress, errors=errors)
 
 
 # ---- page sources --------------------------------------------------------------------
@@ -294,12 +292,22 @@ def parse_range(text: str) -> np.ndarray:
     step = int(m.group(3)) if m.group(3) else 1
     if a <= 0 or b < a or step <= 0:
         raise ValueError(f"range {text!r} must have 0 < A <= B and STEP > 0")
+    check_points((b - a) // step + 1, f"range {text!r}")
     return np.arange(a, b + 1, step, dtype=np.int64)
+
+
+def check_points(n: int, what: str) -> None:
+    """Refuse a sweep too large to hold before anything is allocated."""
+    if n > MAX_POINTS:
+        raise ValueError(f"{what} has {n:,} points; a sweep takes at most {MAX_POINTS:,} (about 1 KiB of memory "
+                         f"and output per point): narrow it or raise the step")
 
 
 def range_pages(widths: str, heights: str) -> tuple[np.ndarray, np.ndarray]:
     """Every (width, height) pair of two ranges."""
-    w, h = np.meshgrid(parse_range(widths), parse_range(heights), indexing="ij")
+    ws, hs = parse_range(widths), parse_range(heights)
+    check_points(len(ws) * len(hs), f"widths {widths} x heights {heights}")
+    w, h = np.meshgrid(ws, hs, indexing="ij")
     return w.ravel(), h.ravel()
 
 
@@ -322,6 +330,7 @@ def aspect_pages(lo: float, hi: float, n: int, area: int):
     """n pages of a fixed pixel area with aspect W/H spread geometrically over [lo, hi]."""
     if not (0 < lo <= hi) or n <= 0 or area <= 0:
         raise ValueError(f"aspect sweep needs 0 < LO <= HI, N > 0 and a positive area, got {lo}:{hi}:{n}")
+    check_points(n, f"aspect range {lo:g}:{hi:g}:{n}")
     a = np.geomspace(lo, hi, n)
     w = np.maximum(1, np.rint(np.sqrt(area * a))).astype(np.int64)
     h = np.maximum(1, np.rint(np.sqrt(area / a))).astype(np.int64)
@@ -339,30 +348,33 @@ def parse_aspects(text: str) -> tuple[float, float, int]:
 
 
 def folder_pages(folder: str):
-    """Every image in a folder (sizes read from the headers): labels, widths, heights."""
-    from graphs.pages import open_page
-
+    """Every image in a folder: labels, widths, heights, and the files that could not be read
+    (`{"page": name, "error": why}`: reported, the rest go on)."""
     if not os.path.isdir(folder):
         raise ValueError(f"not a folder: {folder}")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    ws, hs = [], []
+    labels, ws, hs, errors = [], [], [], []
     for name in names:
-        with open_page(os.path.join(folder, name)) as img:
-            ws.append(img.width)
-            hs.append(img.height)
-    return names, np.array(ws, dtype=np.int64), np.array(hs, dtype=np.int64)
+        try:
+            with open_page(os.path.join(folder, name)) as img:
+                labels.append(name)
+                ws.append(img.width)
+                hs.append(img.height)
+        except ValueError as e:
+            errors.append({"page": name, "error": str(e)})
+    if not labels:
+        raise ValueError(f"no readable image in {folder} ({len(errors)} unreadable: {errors[0]['error']})")
+    return labels, np.array(ws, dtype=np.int64), np.array(hs, dtype=np.int64), errors
 
 
 # ---- command line ------------------------------------------------------------------------
 
-def add_parser(sub, max_num_arg, variant_args) -> None:
-    from .cli import parse_size
-    from .tables import sequence_args
-
+def add_parser(sub) -> None:
     q = sub.add_parser("sweep", help="tokens and every metric over crop grids or page sizes: CSV, JSON, plots")
-    q.add_argument("--mode", default="gundam", help="(default: %(default)s)")
+    model_arg(q)
+    mode_arg(q)
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--grids", metavar="all|AxB[,AxB...]",
                      help="every grid the layout can produce for --max-num (22 for 9; the no-crop 1x1 is "
@@ -372,7 +384,7 @@ def add_parser(sub, max_num_arg, variant_args) -> None:
                      help="A3-A6, B4, B5, Letter, Legal, Tabloid at each --dpi, portrait and landscape")
     src.add_argument("--aspects", metavar="LO:HI:N", help="N aspect ratios W/H from LO to HI at the pixel "
                                                           "area of --area")
-    src.add_argument("--folder", metavar="DIR", help="every image in a folder")
+    src.add_argument("--folder", metavar="DIR", help="every image in a folder (unreadable files are reported)")
     q.add_argument("--heights", metavar="A:B:STEP", help="page heights in px (with --widths)")
     q.add_argument("--dpi", default="150,200,300", metavar="DPI[,DPI...]", help="for --paper-sizes")
     q.add_argument("--area", type=parse_size, default=(1654, 2339), metavar="WxH",
@@ -380,6 +392,7 @@ def add_parser(sub, max_num_arg, variant_args) -> None:
     q.add_argument("--out", required=True, metavar="DIR", help="sweep.csv, sweep.json and the plots go here")
     q.add_argument("--no-plots", action="store_true")
     sequence_args(q)
+    dtype_arg(q)
     variant_args(q)
     max_num_arg(q)
     q.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -387,69 +400,70 @@ def add_parser(sub, max_num_arg, variant_args) -> None:
 
 
 def _grid_list(text: str):
-    from .cli import parse_size
-
     if text.strip() == "all":
         return None
     return [parse_size(t) for t in text.split(",") if t.strip()]
 
 
 def run_from_args(args) -> Sweep:
-    from .cli import UserError, _variants_from_args
-
-    seq = Sequence(args.text_tokens, args.output_tokens, _variants_from_args(args), args.dtype)
+    model = model_of(args)
+    mode = (args.mode or model.default_mode)
+    seq = Sequence(model.name, tuple(sequence_of(model, args).items()), variants_of(model, args), args.dtype)
     if args.heights and not args.widths:
         raise UserError("--heights needs --widths")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} exists and is not a folder")
     if args.grids:
-        return sweep_grids(args.mode, _grid_list(args.grids), args.max_num, seq)
+        return sweep_grids(mode, _grid_list(args.grids), args.max_num, seq)
     if args.widths:
         if not args.heights:
             raise UserError("--widths needs --heights")
         w, h = range_pages(args.widths, args.heights)
-        return sweep_pages(args.mode, w, h, args.max_num, seq,
-                           source=f"widths {args.widths} x heights {args.heights} px")
+        return sweep_pages(mode, w, h, args.max_num, seq, source=f"widths {args.widths} x heights {args.heights} px")
     if args.paper_sizes:
         try:
             dpis = [int(d) for d in args.dpi.split(",") if d.strip()]
         except ValueError:
             raise UserError(f"malformed --dpi {args.dpi!r}: expected integers, e.g. 150,200,300") from None
         labels, w, h = paper_pages(dpis)
-        return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels,
+        return sweep_pages(mode, w, h, args.max_num, seq, labels=labels,
                            source=f"paper sizes at {', '.join(map(str, dpis))} dpi")
     if args.aspects:
         lo, hi, n = parse_aspects(args.aspects)
         aw, ah = args.area
         w, h = aspect_pages(lo, hi, n, aw * ah)
-        return sweep_pages(args.mode, w, h, args.max_num, seq,
+        return sweep_pages(mode, w, h, args.max_num, seq,
                            source=f"aspect W/H {lo:g}..{hi:g} at the pixel area of {aw}x{ah}", curve=True)
-    labels, w, h = folder_pages(args.folder)
-    return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels, source=f"images in {args.folder}")
+    labels, w, h, errors = folder_pages(args.folder)
+    return sweep_pages(mode, w, h, args.max_num, seq, labels=labels, source=f"images in {args.folder}",
+                       errors=errors)
 
 
 def cmd_sweep(args) -> int:
-    import time
-
     t0 = time.perf_counter()
     s = run_from_args(args)
     t_eval = time.perf_counter() - t0
     written = s.write(args.out, plots=not args.no_plots)
     t_all = time.perf_counter() - t0
-    summary = {"mode": s.mode, "kind": s.kind, "points": len(s), "params": s.params, "files": written,
-               "evaluate_s": round(t_eval, 3), "total_s": round(t_all, 3)}
+    for e in s.errors:
+        what = e.get("page") or e.get("grid") or f"{e.get('width')}x{e.get('height')}"
+        print(f"costgraph: skipped {what}: {e['error']}", file=sys.stderr)
+    summary = {"model": s.model, "mode": s.mode, "kind": s.kind, "points": len(s), "params": s.params,
+               "files": written, "evaluate_s": round(t_eval, 3), "total_s": round(t_all, 3)}
     if s.no_crop:
         summary["no_crop"] = s.no_crop
+    if s.errors:
+        summary["errors"] = s.errors
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
-    from .cli import human, table
-
     print(f"{s.mode}: {len(s):,} {'grids' if s.kind == 'grids' else 'pages'} ({s.params['source']}), "
           f"layout + tokens + {len(s.scopes)} scopes x {len(s.metrics)} metrics in {t_eval:.3f} s; "
-          f"written in {t_all:.3f} s:")
+          f"written in {t_all - t_eval:.3f} s:")
     for path in written:
         print(f"  {path}")
     if s.kind == "grids":
-        top = whole_scope(s.scopes)
+        top = whole_scope(s.scopes, s.composites)
         rows = [[g, n, t] + [human(int(s.value(top, m)[k])) for m in s.metrics]
                 for k, (g, n, t) in enumerate(zip(s.columns["grid"], s.columns["num_crops"],
                                                   s.columns["image_tokens"]))]

@@ -1,7 +1,7 @@
 """`costgraph verify`: the graph against profiled runs of the reference, node by node.
 
 Exit code 0 only when every node matches exactly, 1 on any mismatch, 2 for bad input.
-The parser and handler live here; `costgraph.cli.build_parser` registers them.
+The references and counters are `verify/` (imported when a verification runs: they load torch).
 """
 from __future__ import annotations
 
@@ -11,14 +11,21 @@ import shlex
 import sys
 import time
 
+from costgraph.io import write_atomic
+from costgraph.render import table
+from graphs.deepseek_ocr import assembly as model_graph
+from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
+from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
+from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
+from .args import model_arg
+from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
+
 EXIT_MISMATCH = 1
 
 
 def add_parser(sub) -> None:
-    from costgraph.cli import parse_size
-    from graphs.config import MAX_CROPS, MODES
-
     q = sub.add_parser("verify", help="check the graph against profiled runs of the reference, node by node")
+    model_arg(q)
     q.add_argument("--mode", default=None,
                    help=f"one of {', '.join(MODES)} (default: gundam; with --all-grids: every mode)")
     g = q.add_mutually_exclusive_group(required=True)
@@ -43,8 +50,6 @@ def add_parser(sub) -> None:
 
 def _add_lm_arguments(q) -> None:
     """Options of the language-model scopes (verify.lm_profile): the LM always runs on CPU."""
-    from graphs.config import DEFAULT_TEXT_TOKENS
-    from graphs.decoder import ATTENTION, LM_HEAD, ROPE
 
     q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="LM scopes: prompt text tokens")
     q.add_argument("--decode-steps", type=int, default=3, help="LM scopes: decode forwards after the prefill")
@@ -56,8 +61,6 @@ def _add_lm_arguments(q) -> None:
 
 
 def _add_metric_arguments(q) -> None:
-    from costgraph.cli import METRIC_GROUPS
-    from graphs.config import DTYPES
 
     q.add_argument("--metrics", default="flops", metavar="LIST",
                    help=f"comma list of {', '.join(METRIC_GROUPS)}, or all (default: %(default)s). flops, "
@@ -77,15 +80,12 @@ LM_SCOPES = ("decoder.prefill", "decoder.decode", "decoder", "e2e")
 
 def _metrics(args) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(groups, the metric names passed to the node-by-node comparisons)."""
-    from costgraph.cli import parse_metrics
 
     groups = parse_metrics(args.metrics)
     return groups, tuple(dict.fromkeys(m for g in groups for m in COMPARED[g])) or ("flops",)
 
 
 def _lm_extra(args) -> dict:
-    from costgraph.cli import UserError
-    from graphs.decoder import Variants
 
     if args.decode_steps < 0 or args.text_tokens < 0:
         raise UserError("--decode-steps and --text-tokens must be >= 0")
@@ -94,9 +94,7 @@ def _lm_extra(args) -> dict:
 
 
 def _request(args):
-    from costgraph.cli import UserError
-    from graphs.config import MODES, get_mode
-    from .runner import Request
+    from verify.runner import Request
 
     if args.mode is None:
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
@@ -133,11 +131,9 @@ def _command(args) -> str:
 
 
 def cmd_verify(args) -> int:
-    from costgraph.cli import UserError
-    from costgraph.io import write_atomic
-    from . import report
-    from .runner import VERIFIERS, peak_rss_mib
-    from . import lm_profile
+    from verify import report
+    from verify.runner import VERIFIERS, peak_rss_mib
+    from verify import lm_profile
 
     lm_profile.register(VERIFIERS)  # decoder.prefill, decoder.decode, decoder, e2e
 
@@ -154,7 +150,7 @@ def cmd_verify(args) -> int:
     t = time.perf_counter()
     comps = VERIFIERS[args.scope](req)
     if "params" in groups:
-        from .weights import compare_params
+        from verify.weights import compare_params
 
         comps.append(compare_params(True, args.dtype or "bf16"))
     peaks = _peak_memory(args, req) if "activations" in groups else None
@@ -201,16 +197,14 @@ PEAK_NOTE = ("peak activation memory is reported, not checked: the graph frees a
 
 def _peak_memory(args, req) -> dict:
     """Predicted (costgraph.liveness) vs measured (verify.memory.LiveBytes) peak per stage."""
-    from graphs.layout import layout_for, layout_for_grid
-    from . import memory
-    from .preprocess import random_views, views_from_file
-    from .reference import build_page_reference
-    from .runner import TORCH_DTYPES
+    from verify import memory
+    from verify.preprocess import random_views, views_from_file
+    from verify.reference import build_page_reference
+    from verify.runner import TORCH_DTYPES
 
     out = {"note": PEAK_NOTE, "cases": []}
     for mode in req.modes:
         if req.image:
-            from graphs import deepseek_ocr as model_graph
             layout = model_graph.layout_for_image(req.image, mode, req.max_num)
         elif req.grid:
             layout = layout_for_grid(*req.grid, mode)
@@ -240,7 +234,6 @@ def _peak_memory(args, req) -> dict:
 
 
 def _peak_text(peaks: dict) -> str:
-    from costgraph.cli import table
 
     lines = []
     for case in peaks.get("cases", []):
@@ -261,8 +254,7 @@ def _peak_text(peaks: dict) -> str:
 
 
 def _symbolic(args) -> int:
-    from costgraph.io import write_atomic
-    from .symbolic import summary
+    from verify.symbolic import summary
 
     if args.scope != "vision" or args.device != "meta" or args.mode:
         raise ValueError("--symbolic checks the vision graph of gundam (crop batch) and one view (side); "

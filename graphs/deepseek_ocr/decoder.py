@@ -35,7 +35,7 @@ import sympy as sp
 
 from costgraph import conventions as C
 from costgraph import params as P
-from costgraph import symbols as S
+from . import symbols as S
 from costgraph.cost import Cost
 from costgraph.graph import CostGraph, ScopeBuilder, Tensor
 from costgraph.ops import OPS, itemsize, nbytes, numel, prod, register

@@ -1,0 +1,262 @@
+"""DeepSeek-OCR as a `costgraph.model.Model`: the vision encoder over a page's views, then the
+DeepSeek-V2 MoE language model (prefill, decode).
+
+Files: `config.py` (the model as data), `symbols.py`, `layout.py` (`dynamic_preprocess` and the
+token counts), `vision.py` (SAM + CLIP + projector for one view), `decoder.py` (the language
+model), `assembly.py` (global + crop branches, token assembly, the whole graph), `published.py`
+(the vendor's published figures). This module adapts them to the interface the app uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from costgraph import forms
+from costgraph.model import Model, Point, VariantOption
+from . import assembly, decoder, layout as L
+from . import symbols as S
+from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES, VISION
+from .published import PARAM_PARTS, PUBLISHED
+
+
+class DeepSeekOCR(Model):
+    name = "deepseek-ocr"
+    title = "DeepSeek-OCR (SAM ViT-B + CLIP-L + projector, DeepSeek-V2 MoE 3B)"
+    modes = MODES
+    default_mode = "gundam"
+    composites = assembly.COMPOSITE
+    report_parts = {assembly.E2E: assembly.E2E_PARTS}
+    variant_options = (
+        VariantOption("attention", tuple(decoder.ATTENTION), "eager",
+                      "eager: full L x L (vendor HF); flash: causal half; uncounted: 0, as profilers "
+                      "blind to flash kernels report"),
+        VariantOption("lm_head", decoder.LM_HEAD, "all",
+                      "prefill lm_head over all prompt positions (vendor HF) or the last (vLLM)"),
+        VariantOption("rope", decoder.ROPE, "vendor",
+                      "vendor: cos/sin recomputed per layer (a small matmul); once: per forward, "
+                      "elementwise (transformers 5.x)"),
+    )
+    generates = True
+    max_positions = MAX_POSITIONS
+    lm_scope = "decoder"
+    prefill_scope = "decoder.prefill"
+    term_symbols = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
+    term_groups = {(S.w_crop, S.h_crop): "crop"}
+    latex_names = {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}
+    published = PUBLISHED
+
+    # ---- modes and variants -----------------------------------------------------------------
+    def variants(self, **options):
+        return decoder.Variants(**options)
+
+    def mode_values(self, mode):
+        return assembly.mode_values(mode)
+
+    # ---- graph and scopes -------------------------------------------------------------------
+    def graph(self, mode, variants):
+        return assembly.model_graph(True if mode is None else mode.crop_mode, variants)
+
+    def scopes(self, mode):
+        return assembly.scopes_for(mode)
+
+    def stages(self, mode):
+        g = self.graph(mode, decoder.VENDOR)
+        return tuple(s for s in assembly.STAGES if s in g.scopes)
+
+    def roofline_stages(self, mode):
+        return assembly.ROOFLINE_STAGES
+
+    def formula(self, mode, scope, metric, variants):
+        return assembly.formula(mode, scope, metric, variants)
+
+    def prompt_length(self, mode):
+        return decoder.prompt_length(True if mode is None else mode.crop_mode)
+
+    def kv_cache_bytes(self, context):
+        return decoder.kv_cache_bytes(context=context)
+
+    # ---- closed forms -----------------------------------------------------------------------
+    def form_rules(self, mode):
+        return FORM_RULES
+
+    def metric_note(self, metric):
+        return METRIC_NOTES.get(metric, "") + " " + STRUCTURE_NOTE
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def default_sequence(self):
+        return {"text_tokens": DEFAULT_TEXT_TOKENS, "output_tokens": DEFAULT_OUTPUT_TOKENS}
+
+    def point(self, mode, *, size=None, image=None, grid=None, max_num=MAX_CROPS, what_if=False,
+              text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS) -> Point:
+        """A page (by size, image file or crop grid) and what the language model runs for it."""
+        note = None
+        if grid is not None:
+            lay = L.layout_for_grid(*grid, mode)
+            note = L.check_grid(grid, mode, max_num, what_if)
+        elif image is not None:
+            lay = assembly.layout_for_image(image, mode, max_num)
+        else:
+            lay = L.layout_for(*size, mode, max_num=max_num)
+        rec = {"layout": assembly.layout_record(lay, mode),
+               "sequence": assembly.sequence_record(mode, lay, text_tokens, output_tokens)}
+        if note:
+            rec["layout"]["what_if"] = note
+        values = {**assembly.layout_values(lay), **assembly.sequence_values(text_tokens, output_tokens)}
+        r, q = rec["layout"], rec["sequence"]
+        label = (f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
+                 f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
+        if note:
+            label = f"what-if grid {r['w_crop']}x{r['h_crop']} ({note}), {r['num_crops']} crops, " \
+                    f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)"
+        return Point(values, rec, label, note)
+
+    def summary_columns(self, layout: dict) -> dict:
+        """A layout record's columns for a table of pages."""
+        return {"page": f"{layout['width']}x{layout['height']}", "grid": f"{layout['w_crop']}x{layout['h_crop']}",
+                "crops": layout["num_crops"], "image tokens": layout["image_tokens"],
+                "paper count": layout["paper_tokens"]}
+
+    # ---- tables and sweeps --------------------------------------------------------------------
+    label = "DeepSeek-OCR"
+    default_table_rows = "tiny,small,base,large,gundam:2x2,gundam:2x3,gundam:3x3,gundam:4x2"
+    point_symbols = (S.w_crop, S.h_crop)
+
+    def table_point(self, mode, grid, *, max_num=MAX_CROPS, **sequence) -> Point:
+        if mode.crop_mode and grid is None:
+            raise ValueError(f"mode {mode.name} crops: give its grid, e.g. {mode.name}:2x3")
+        return self.point(mode, grid=grid or (1, 1), max_num=max_num, **sequence)
+
+    def table_cells(self, mode, point):
+        r = point.record["layout"]
+        if mode.crop_mode:
+            views = f"1x{mode.base_size}" + (f" + {r['num_crops']}x{mode.image_size}" if r["tiled"] else "")
+        else:
+            views = f"1x{mode.image_size}"
+        return [("grid", "grid", f"{r['w_crop']}x{r['h_crop']}" if mode.crop_mode else "-"),
+                ("views", "views (count x side px)", views), ("image_tokens", "image tokens", r["image_tokens"]),
+                ("paper_tokens", "paper count", r["paper_tokens"])]
+
+    def point_exprs(self, mode):
+        tokens = L.image_tokens(mode)
+        return {"image_tokens": tokens["total"], "paper_tokens": tokens["paper"]}
+
+    def grid_columns(self, mode, grids=None, max_num=None):
+        """Every grid the layout can produce under max_num (or the given ones), and the no-crop 1x1."""
+        if not mode.crop_mode:
+            raise ValueError(f"mode {mode.name!r} does not crop: a grid sweep needs a crop mode (gundam, gundam-m)")
+        max_num = MAX_CROPS if max_num is None else max_num
+        L.check_max_num(max_num)
+        explicit = grids
+        grids = L.candidate_grids(2, max_num) if grids is None else [tuple(g) for g in grids]
+        for g in grids:
+            L.layout_for_grid(*g, mode)
+            L.check_grid(g, mode, max_num)
+        w = np.array([g[0] for g in grids], dtype=np.int64)
+        h = np.array([g[1] for g in grids], dtype=np.int64)
+        cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
+                "num_crops": np.where(w * h > 1, w * h, 0)}
+        one = np.ones(1, np.int64)
+        source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
+            f"{a}x{b}" for a, b in grids)
+        return cols, {"w_crop": w, "h_crop": h}, {"w_crop": one, "h_crop": one}, \
+            {"max_num": max_num, "source": source}
+
+    def no_crop_record(self, base):
+        return {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
+                "image_tokens": int(base["image_tokens"][0]), "paper_tokens": int(base["paper_tokens"][0]),
+                "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1"}
+
+    def page_columns(self, mode, widths, heights, max_num=None):
+        max_num = MAX_CROPS if max_num is None else max_num
+        lay = L.layouts_for(widths, heights, mode, max_num=max_num)
+        cols = {"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
+                "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops}
+        return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num}
+
+    def unrunnable(self, cols, sequence):
+        """Points whose prompt and output exceed the language model's positions."""
+        need = 1 + sequence["text_tokens"] + cols["image_tokens"] + sequence["output_tokens"] - 1
+        return need > MAX_POSITIONS, (f"prompt + output tokens exceed the language model's {MAX_POSITIONS:,} "
+                                      f"positions (output_tokens {sequence['output_tokens']:,})")
+
+    def check_sequence(self, text_tokens, output_tokens):
+        assembly.sequence_values(text_tokens, output_tokens)
+        if 1 + text_tokens + output_tokens - 1 > MAX_POSITIONS:
+            raise ValueError(f"text_tokens {text_tokens:,} and output_tokens {output_tokens:,} exceed the language "
+                             f"model's {MAX_POSITIONS:,} positions before any image token")
+
+    def sequence_values(self, text_tokens, output_tokens):
+        return assembly.sequence_values(text_tokens, output_tokens)
+
+    def describe(self, mode, point, variants, dtype):
+        r, q = point.record["layout"], point.record["sequence"]
+        return [f"mode {mode.name} ({mode.note})", point.label,
+                f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
+                f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)",
+                f"variants: {variants.label()}; storage dtype {dtype}"]
+
+    # ---- parameters -------------------------------------------------------------------------
+    def param_parts(self):
+        return PARAM_PARTS
+
+    def param_lines(self, p):
+        v = p["vision_parts"]
+        lines = [f"  vision: SAM {v['sam']:,} (published ~80M), CLIP {v['clip']:,} (~300M, its unused conv "
+                 f"included), projector {v['projector']:,}; DeepEncoder {p['resident_by_part'].get('vision', 0):,} "
+                 f"(published ~380M)"]
+        if "active_per_token" in p:
+            lines.append(f"  decoder active per token: {p['active_per_token']:,} "
+                         f"({p['active_per_token_without_embedding_row']:,} without the embedding row; "
+                         f"published: 570M)")
+        return lines
+
+
+def _released(step: int, sizes) -> str:
+    ok = [m.name for m in MODES.values() if m.crop_mode and all(getattr(m, s.name) % step == 0 for s in sizes)]
+    return ", ".join(ok) if ok else "none of the released crop modes (use --mode for their exact polynomial)"
+
+
+FORM_RULES = (
+    forms.IndicatorRule(
+        L.crops_run(),
+        forms.Assumption("tiled", "w_crop*h_crop >= 2: the page is tiled (a side over 640 px); the 1x1 layout "
+                                  "means no crops and is given separately",
+                         r"w_{\mathrm{crop}} h_{\mathrm{crop}} \geq 2"),
+        "no-crop layout 1x1 (page within 640x640)", ((S.w_crop, 1), (S.h_crop, 1))),
+    forms.IndicatorRule(
+        assembly.stitch_copies(),
+        forms.Assumption("columns", "w_crop >= 2: the stitched crop grid is a copy (a single column of tiles stays "
+                                    "a view); the w_crop = 1 case is given separately",
+                         r"w_{\mathrm{crop}} \geq 2"),
+        "single column w_crop = 1", ((assembly.stitch_copies(), 0), (S.w_crop, 1))),
+    forms.BoundRule("experts", "every MoE layer's experts loop runs all {values} experts: min(experts, k*L) = "
+                               "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR prompt: "
+                               "k*L >= 6*74 > 64)", r"\min(E, kL) = E"),
+    forms.AlignedRule(S.SIZES, S.patch_size, VISION.patch_size, _released,
+                      {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}),
+)
+
+STRUCTURE_NOTE = ("The crop branch runs w_crop*h_crop times; the layout 1x1 (a page within 640x640) means no crops, "
+                  "hence the Piecewise factor. The prompt is 1 + text_tokens + image tokens; decode sums forwards "
+                  "t = 1..output_tokens-1 over a context of prompt + t.")
+METRIC_NOTES = {
+    "flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only.",
+    "elementwise_flops": "Elementwise FLOPs per aten op under costgraph/conventions.py (norms, softmax, "
+                         "activations, adds; matmul-class ops count 0 here).",
+    "bytes_read": "Bytes read, unfused: every op reads its inputs and weights (views move nothing).",
+    "bytes_written": "Bytes written, unfused: every op writes its outputs (views move nothing).",
+    "activation_bytes": "Sum of the bytes of every op output written (not a memory need: see "
+                        "peak_activation_bytes).",
+    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs).",
+    "params": "parameters the scope's nodes execute, each module once (not multiplied by crops or decode steps); "
+              "the checkpoint (resident) count is `costgraph cost --metrics params`.",
+    "weight_bytes": "bytes of the executed parameters at the storage dtype (the MoE router in fp32).",
+    "active_params": "parameters one token uses: routed experts count experts_per_token of routed_experts, the "
+                     "embedding table one row.",
+    "peak_activation_bytes": "peak live bytes of op outputs (liveness in execution order; inputs, weights and KV "
+                             "cache excluded); the crop batch holds w_crop*h_crop views; decode at t = "
+                             "output_tokens-1; a scope's peak is the Max of its stages'.",
+    "kv_cache_bytes": "KV cache bytes: K and V of every layer for every cached token (prefill: the prompt; decode: "
+                      "the final context prompt + output_tokens - 1).",
+}
+
+MODEL = DeepSeekOCR()
