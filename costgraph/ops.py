@@ -352,6 +352,15 @@ def reshape(x: Shape, *, shape: Shape, copy=False):
     return out, (cost if copy is True else cost * copy)
 
 
+@register("clone")
+def clone(x: Shape):
+    """`Tensor.clone()` (aten.clone): a fresh copy of the same shape and element size; reads the
+    input's footprint, writes the copy (0 FLOPs: data movement in the conventions table). The
+    copy is a new activation, whatever the input's layout."""
+    out = _out(tuple(x), itemsize(x))
+    return out, Cost(elementwise_flops=_ew("clone", out, x), activation_bytes=nbytes(out), **moved([x], [out]))
+
+
 @register("pad")
 def pad(x: Shape, *, shape: Shape):
     """aten.constant_pad_nd: reads the input, writes the padded output."""

@@ -238,6 +238,19 @@ def test_pad_and_window_copies(b, g, c, win, d):
         check(cost, size, measured(lambda: y[:, :g, :g, :].contiguous()), ["clone"])
 
 
+@given(b=small, c=small, g=st.integers(1, 12), d=dtypes, permuted=st.booleans())
+def test_clone(b, c, g, d, permuted):
+    """`x.clone()` (SAM's compressor clones net_2's output): one aten.clone reading and writing the
+    tensor, whether it is contiguous or a permuted view."""
+    dt, size = DTYPES[d]
+    x = t((b, c, g, g + 1), dt)
+    x = x.permute(0, 2, 3, 1) if permuted else x
+    shape, cost = ops.OPS["clone"](ops.Spec(tuple(x.shape)))
+    assert shape == tuple(x.shape)
+    check(cost, size, measured(torch.clone, x), ["clone"])
+    assert cost.activation_bytes.subs(S.dtype_bytes, size) == b * c * g * (g + 1) * size
+
+
 @given(c=small, g=st.integers(2, 20), n=st.integers(1, 20), d=dtypes)
 def test_interpolate_and_casts(c, g, n, d):
     dt, size = DTYPES[d]

@@ -89,3 +89,22 @@ def test_graph_export_is_json_with_string_expressions():
     node = next(n for n in data["nodes"] if n["id"] == "vision.crops.sam.blocks.3.attn.qkv")
     assert node["kind"] == "linear" and "image_size" in node["cost"]["flops"]
     assert {s["name"] for s in data["scopes"]} == set(model.SCOPES)
+
+
+def test_compressor_clones_net_2_output_like_the_vendor():
+    """SPEC section 4 step 5: the vendor runs `net_3(x2.clone())`, one copy of (B, 512, g/2, g/2) at the
+    storage dtype between the two compressor convs (0 FLOPs). Gundam in bf16, 2x3 crops: the global view
+    has g = 1024/16 = 64, so 1 x 512 x 32 x 32 x 2 bytes; the crop batch g = 640/16 = 40, so
+    6 x 512 x 20 x 20 x 2 bytes; read once and written once."""
+    g = model.vision_graph(True)
+    at = {**model.mode_values(GUNDAM), **model.dtype_values("bf16"), S.w_crop: 2, S.h_crop: 3}
+    for scope, copy_bytes in (("vision.global", 1 * 512 * 32 * 32 * 2), ("vision.crops", 6 * 512 * 20 * 20 * 2)):
+        node = f"{scope}.sam.net_2.clone"
+        assert g.g.nodes[node]["kind"] == "clone"
+        assert list(g.g.predecessors(node)) == [f"{scope}.sam.net_2"]
+        assert list(g.g.predecessors(f"{scope}.sam.net_3")) == [node]
+        cost = g.cost(node)
+        assert {m: substitute(cost[m], at) for m in ("flops", "elementwise_flops", "bytes_read", "bytes_written",
+                                                      "activation_bytes")} == \
+            {"flops": 0, "elementwise_flops": 0, "bytes_read": copy_bytes, "bytes_written": copy_bytes,
+             "activation_bytes": copy_bytes}

@@ -156,6 +156,8 @@ METRIC_RULES: list[tuple[str, list[tuple]]] = [
     *[(rf"sam\.neck\.{k}\.{step}", [_c(f"{SAM}.neck.{norm}", call, None, occ)])
       for k, norm in NECK_NORM.items() for step, (call, occ) in LN2D.items()],
     (r"sam\.net_2", [_c(f"{SAM}.proj.conv1")]),
+    # the vendor's `net_3(x2.clone())`, run in the reference's `proj` itself (verify.reference item 7)
+    (r"sam\.net_2\.clone", [_c(f"{SAM}.proj", "clone", "clone")]),
     (r"sam\.net_3", [_c(f"{SAM}.proj.conv2")]),
     (r"clip\.embeddings\.cat", [_c(POS, "cat", "cat", 0)]),
     (r"clip\.embeddings\.position_embedding\.lookup", [_c(POS + ".position_embedding")]),

@@ -32,6 +32,9 @@ reference run the vendor's ops (the vendor's SAM/CLIP code as mirrored by upstre
 6. CLIP positions: the vendor looks the table up with `position_embedding(position_ids)` (an
    embedding gather of all 257 rows) and, when the grid is not 16x16, makes the 16x16 part
    contiguous in NCHW before its fp32 bicubic resize.
+7. SAM compressor: the vendor runs `net_3(x2.clone())` (SPEC section 4, step 5): a copy of the
+   first stride-2 conv's output (B, 512, g/2, g/2) before the second; transformers' `proj` feeds
+   conv1's output straight to conv2.
 
 Parameter-free child modules (`partition`, `unpartition`, `rel_pos`, `lookup_h`, `lookup_w`,
 `crop_rows`, `global_rows`) exist only so that a profiler can attribute each step to a module:
@@ -68,12 +71,12 @@ def _sam(cfg: VisionConfig):
 # ---- SAM as the vendor runs it ---------------------------------------------------------------
 
 def _as_vendor_sam(sam) -> None:
-    """Swap in the vendor's behaviour (items 1-4 of the module docstring), in place."""
+    """Swap in the vendor's behaviour (items 1-4 and 7 of the module docstring), in place."""
     from transformers.models.deepseek_ocr2 import modeling_deepseek_ocr2 as m
 
-    global _VendorSamLayer, _VendorSamAttention, _VendorLayerNorm2d
+    global _VendorSamLayer, _VendorSamAttention, _VendorLayerNorm2d, _VendorSamCompressor
     if _VendorSamLayer is None:
-        _VendorSamLayer, _VendorSamAttention, _VendorLayerNorm2d = _vendor_classes(m)
+        _VendorSamLayer, _VendorSamAttention, _VendorLayerNorm2d, _VendorSamCompressor = _vendor_classes(m)
     for layer in sam.layers:
         layer.__class__ = _VendorSamLayer
         layer.partition = WindowPartition(layer.window_size)
@@ -82,9 +85,10 @@ def _as_vendor_sam(sam) -> None:
         layer.attn.rel_pos = DecomposedRelPos()
     for norm in (sam.neck.layer_norm1, sam.neck.layer_norm2):
         norm.__class__ = _VendorLayerNorm2d
+    sam.proj.__class__ = _VendorSamCompressor
 
 
-_VendorSamLayer = _VendorSamAttention = _VendorLayerNorm2d = None
+_VendorSamLayer = _VendorSamAttention = _VendorLayerNorm2d = _VendorSamCompressor = None
 
 
 def _vendor_classes(m):
@@ -120,7 +124,17 @@ def _vendor_classes(m):
             x = (x - mean) / torch.sqrt(var + self.eps)
             return self.weight[:, None, None] * x + self.bias[:, None, None]
 
-    return VendorSamLayer, VendorSamAttention, VendorLayerNorm2d
+    class VendorSamCompressor(m.DeepseekOcr2SamVisionProj):
+        """The vendor's net_2 / net_3 (item 7): it clones net_2's output before net_3
+        (`net_3(x2.clone())`, SPEC section 4 step 5), one aten.clone of (B, 512, g/2, g/2) that
+        transformers does not run. The clone runs here, in `proj` itself (not in conv2), so it is
+        attributed to this module with the torch call `clone`."""
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            x2 = self.conv1(hidden_states)
+            return self.conv2(x2.clone())
+
+    return VendorSamLayer, VendorSamAttention, VendorLayerNorm2d, VendorSamCompressor
 
 
 class WindowPartition(nn.Module):

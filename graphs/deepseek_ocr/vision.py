@@ -5,8 +5,9 @@ Nodes are named by the vendor's module paths (`sam.blocks.3.attn.qkv`). Every at
 runs is a node (SPEC section 4), including those that cost no matmul FLOPs but move bytes or do
 elementwise work: norms, activations, residual adds, the rel-pos index arithmetic and gathers,
 window padding and the copies torch makes (`.contiguous()` of permuted windows, `.reshape` of a
-permuted tensor, einsum's operand copy), fp32 casts around position-table resizes. Which of those
-run depends on the sizes; the conditions are symbolic indicators (`when`):
+permuted tensor, einsum's operand copy, the vendor's clone between the compressor convs), fp32
+casts around position-table resizes. Which of those run depends on the sizes; the conditions are
+symbolic indicators (`when`):
 
 - window padding (and cropping it off again): only when g % 14 != 0;
 - the window (un)partition copies: only when there is more than one window per side (g > 14);
@@ -189,6 +190,10 @@ def neck(b: ScopeBuilder, x: Tensor, cfg: VisionConfig) -> Tensor:
     x = layer_norm_2d(b, f"{p}.3", x, c.layer_norm_eps)
     ch = c.neck_channels
     for k, out_ch in enumerate(c.compressor_channels):  # vendor names: net_2, net_3
+        if k > 0:
+            # The vendor runs `net_3(x2.clone())` (SPEC section 4, step 5): one copy of net_2's
+            # output (B, 512, g/2, g/2) at the storage dtype between the two convs.
+            x = b.op(f"sam.net_{k + 1}.clone", "clone", x)
         x = b.op(f"sam.net_{k + 2}", "conv2d", x, in_channels=ch, out_channels=out_ch, kernel=3,
                  stride=c.compressor_stride, padding=1, bias=False)
         ch = out_ch
