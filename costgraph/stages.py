@@ -429,7 +429,8 @@ def extra_form(kind: str, mode, scope: str, metric: str, grid_multiple=None, var
 
 
 EXTRA_NOTES = {
-    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs).",
+    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs; "
+             "a gather reads its indices and the rows it takes, not its table).",
     "params": "parameters the scope's nodes execute, each module once (not multiplied by crops or decode steps); "
               "the checkpoint (resident) count is `costgraph cost --metrics params`.",
     "weight_bytes": "bytes of the executed parameters at the storage dtype (the MoE router in fp32).",

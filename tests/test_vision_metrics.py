@@ -146,13 +146,34 @@ def test_every_metric_rule_is_used_and_its_modules_exist():
 
 # Measured on the full model: `costgraph verify --image graphs/samples/a4_page.png --device cpu` with all
 # metrics (gundam, 2x3 crops of 640 + the 1024 global view), every node exact; pinned here so that the
-# symbolic formulas keep producing them without the minutes-long run.
+# symbolic formulas keep producing them without the minutes-long run. bytes_read under the gather rule
+# (conventions.gather_bytes_read): the CPU run's figure under the old rule plus the change of the 25 gathers
+# each view batch runs, recorded from the full-size reference on `meta` (bytes depend on shapes only):
+# +4,410,368 global / +1,903,616 crops at bf16, twice that at fp32 (the SAM rel-pos lookups take s x s rows
+# of a 2s - 1 row table: 2 x (8 x 169 + 4 x (s^2 - (2s - 1))) x 64 x dtype_bytes, s = 64 global, 40 crops).
 A4_MEASURED = {
-    "bf16": {"vision.global": (8_286_156_608, 5_523_837_192, 4_323_581_380),
-             "vision.crops": (9_913_414_848, 9_477_190_920, 7_750_810_360)},
-    "fp32": {"vision.global": (8_286_156_608, 11_047_080_200, 8_643_507_848),
-             "vision.crops": (9_913_414_848, 18_915_355_400, 15_455_758_064)},
+    "bf16": {"vision.global": (8_286_156_608, 5_523_837_192 + 4_410_368, 4_323_581_380),
+             "vision.crops": (9_913_414_848, 9_477_190_920 + 1_903_616, 7_750_810_360)},
+    "fp32": {"vision.global": (8_286_156_608, 11_047_080_200 + 8_820_736, 8_643_507_848),
+             "vision.crops": (9_913_414_848, 18_915_355_400 + 3_807_232, 15_455_758_064)},
 }
+
+
+def test_rel_pos_and_position_lookups_read_the_rows_they_gather():
+    """A gather reads its index and the rows it takes, repeats counted: SAM's rel-pos lookup takes s x s
+    rows of head_dim 64 from a (2s - 1)-row table (more than the table), CLIP's position lookup each of
+    its 257 rows once. Full-size gundam views at bf16; the old rule (table + index) gives other numbers
+    for SAM's."""
+    from costgraph import symbols as S
+    from costgraph.evaluate import substitute
+
+    g = model.vision_graph(True)
+    at = {**model.mode_values(model.get_mode("gundam")), S.dtype_bytes: 2}
+    read = lambda n: substitute(g.cost(n).bytes_read, at)
+    for scope, s in (("global", 1024 // 16), ("crops", 640 // 16)):
+        assert read(f"vision.{scope}.sam.blocks.2.attn.rel_pos_h.gather") == s * s * 8 + s * s * 64 * 2  # global block
+        assert read(f"vision.{scope}.sam.blocks.0.attn.rel_pos_w.gather") == 14 * 14 * 8 + 14 * 14 * 64 * 2  # window
+        assert read(f"vision.{scope}.clip.embeddings.position_embedding.lookup") == 257 * 8 + 257 * 1024 * 2
 
 
 def test_symbolic_formulas_give_the_full_size_measurements():
