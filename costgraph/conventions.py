@@ -24,6 +24,24 @@ Bytes: an op reads the memory footprint of every tensor argument and writes that
 output (an in-place op writes its mutated argument); views and aliases move nothing. The
 footprint of a tensor counts each distinct element once (a broadcast, stride-0 view of a
 vector is the vector).
+
+Gathers (`GATHERS`: aten.embedding, aten.index with index tensors, aten.index_select,
+aten.gather) are the one exception on the read side (`gather_bytes_read`): they read the
+footprint of their index tensors and one source element per output element (the rows they
+take, a row taken twice counted twice), not the source's footprint. Why: a lookup touches only
+the rows its indices name; charging it the whole table made a decode step's token embedding
+(one row of the 129,280 x 1,280 vocabulary) read 331 MB of the ~1.66 GB the step read, and
+made every MoE expert re-read all of the hidden states for its few routed rows. The count is
+the output's element count at the source's element size: it depends on shapes only (meta
+tensors and symbolic shapes give it), whatever the index values. Repeats count because each is
+a load the kernel issues (caches are not modelled anywhere in these conventions), so a gather
+can read more than its source: SAM's rel-pos lookups take s x s rows of a (2s - 1)-row table.
+Boolean-mask indexing (`x[mask]`: aten.index with a bool or uint8 index) follows the same rule
+with the mask as the index: the mask is read whole (the kernel scans every element) and each
+selected element is one element read; the selected count depends on the data (it is the
+output's size, which a real run has and meta tensors cannot give), so no graph formula models
+one: DeepSeek-OCR runs none (its image-slot mask goes to masked_scatter_, which reads all its
+arguments). Writes are unchanged: the output.
 """
 from __future__ import annotations
 
@@ -64,6 +82,17 @@ FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
 
 # Per attention score inside a fused SDPA kernel (the CPU flash kernel).
 SDPA_SCALE, SDPA_MASK, SDPA_SOFTMAX = 1, 1, 5
+
+# Aten ops that gather elements of their first argument (the source) by index tensors.
+GATHERS = ("embedding", "index", "index_select", "gather")
+
+
+def gather_bytes_read(index_bytes, gathered_elements, source_itemsize):
+    """Bytes a gather (`GATHERS`) reads: its index tensors' footprint (`index_bytes`) plus one
+    source element per output element, not the source's footprint (see the module docstring).
+    Works alike on ints (the dispatch recorder) and sympy expressions (the graph's formulas)."""
+    return index_bytes + gathered_elements * source_itemsize
+
 
 # Aten ops that return an alias of an input although their schema does not say so.
 ALIASING = ("_unsafe_view", "lift_fresh")

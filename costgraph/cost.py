@@ -19,7 +19,8 @@ class Cost:
     flops: sp.Expr = ZERO
     # Elementwise work under costgraph/conventions.py (norms, softmax, activations, adds, ...).
     elementwise_flops: sp.Expr = ZERO
-    # Unfused traffic: every op reads its inputs and weights and writes its outputs (views: 0).
+    # Unfused traffic: every op reads its inputs and weights (a gather: its indices and the rows it takes)
+    # and writes its outputs (views: 0).
     bytes_read: sp.Expr = ZERO
     bytes_written: sp.Expr = ZERO
     # Bytes of the node's output tensor (0 for a view): what the liveness pass keeps alive.

@@ -10,7 +10,8 @@ Every metric follows aten semantics, unfused (costgraph/conventions.py is the ta
 - `elementwise_flops`: `FLOPS_PER_ELEMENT[aten op] x elements` from the conventions table;
 - `bytes_read` / `bytes_written`: an op reads the footprint of each input tensor and of its
   weights and writes each of its outputs (auxiliary ones included: LayerNorm's mean/rstd,
-  fused SDPA's fp32 logsumexp); a view or alias moves nothing;
+  fused SDPA's fp32 logsumexp); a view or alias moves nothing; a gather (`index`) reads its
+  index tensor and the rows it takes, not its whole table;
 - `activation_bytes`: the bytes of the node's main output tensor (0 for a view).
 
 Every op takes an optional `when` attribute (an indicator: 0/1, or a sympy Piecewise) that
@@ -381,10 +382,12 @@ def cat(*xs: Shape, dim: int, broadcast_inputs: tuple = ()):
 
 @register("index")
 def index(table: Shape, idx: Shape):
-    """table[idx] (aten.index / aten.embedding): gathers rows; reads the table and the index
-    tensor, writes idx.shape + table.shape[1:]."""
+    """table[idx] (aten.index / aten.embedding): gathers rows; reads the index tensor and the rows
+    it takes (one per index element, at the table's element size: conventions.gather_bytes_read),
+    writes idx.shape + table.shape[1:]."""
     out = _out((*idx, *table[1:]), itemsize(table))
-    return out, Cost(activation_bytes=nbytes(out), **moved([table, idx], [out]))
+    read = C.gather_bytes_read(nbytes(idx), numel(out), itemsize(table))
+    return out, Cost(activation_bytes=nbytes(out), bytes_read=read, bytes_written=nbytes(out))
 
 
 def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]:

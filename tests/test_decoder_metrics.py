@@ -152,12 +152,12 @@ def test_prediction_at_the_bound_is_not_passed_off_as_exact(runs):
     assert substitute(expr, {**values, S.experts_hit: hits}) == row.measured
     at_bound = substitute(expr, {**values, S.experts_hit: comp.info["experts_hit"]["predicted_bound"]})
     assert at_bound > row.measured
-    # per expert hit: its two weights once, a full read of the hidden states and the routing weights,
-    # the bookkeeping reads, and the k x T slice of the mask
+    # per expert hit: its two weights once, the bookkeeping reads, and the k x T slice of the mask; the
+    # gathers of hidden states and routing weights read only the routed rows, k per token whatever the hits
     tokens = comp.info["prompt_tokens"]
     c = WIDE
-    per_hit = (2 * c.moe_intermediate * c.hidden + c.hidden * c.moe_intermediate) * 4 + tokens * c.hidden * 4 \
-        + tokens * c.experts_per_token * 4 + 33 + c.experts_per_token * tokens * 8
+    per_hit = (2 * c.moe_intermediate * c.hidden + c.hidden * c.moe_intermediate) * 4 + 33 \
+        + c.experts_per_token * tokens * 8
     assert at_bound - row.measured == per_hit * (comp.info["experts_hit"]["predicted_bound"] - hits)
 
 
@@ -218,3 +218,23 @@ def test_activation_bytes_are_output_bytes():
             assert sp.expand(act - prod(d["out_shape"]) * d["out_itemsize"]) == 0, n
         seen.add(d["kind"])
     assert {"rms_norm", "rope_tables", "softmax_fp32", "routed_linear", "linear", "cache_update"} <= seen
+
+
+# ---- gathers: the rows they take, not the table -----------------------------------------------------
+
+def test_gathers_read_the_rows_they_take_not_the_table():
+    """Full-size LM (SPEC 5: vocab 129,280, hidden 1,280, top-6), gundam 2x3 prompt of 914 tokens, bf16: a
+    decode step's embedding reads its one id and one 1,280-wide row (the old rule: the 331 MB table); the
+    experts' x[token_idx] reads one index and one hidden row per routed row (6 per token) and
+    top_k_weights[token_idx, top_k_pos] two indices and one fp32 weight, however many experts are hit."""
+    g = decoder_graph(LM, Variants(), True, experts_hit=S.experts_hit)
+    at = {**model.mode_values(GUNDAM), S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.dtype_bytes: 2,
+          S.decode_step: 1}
+    read = lambda n, hits: substitute(g.cost(n).bytes_read, {**at, S.experts_hit: hits})
+    rows = 914 * 6
+    for hits in (6, 64):
+        assert read(f"{DECODE}.embed_tokens", hits) == 8 + 1280 * 2
+        assert read(f"{PREFILL}.embed_tokens", hits) == 914 * 8 + 914 * 1280 * 2
+        assert read(f"{PREFILL}.layers.1.mlp.experts.gather", hits) == rows * 8 + rows * 1280 * 2
+        assert read(f"{PREFILL}.layers.1.mlp.experts.routing_weights.select", hits) == rows * 2 * 8 + rows * 4
+        assert read(f"{DECODE}.layers.11.mlp.experts.gather", hits) == 6 * 8 + 6 * 1280 * 2

@@ -274,3 +274,32 @@ def test_index_gather(rows, w, n, d):
     table, idx = t((rows, w), dt), torch.randint(0, rows, (n, n))
     _, cost = ops.index(ops.Spec(table.shape), ops.Spec(idx.shape, 8))
     check(cost, size, measured(lambda: table[idx]), ["index"])
+
+
+@given(rows=st.integers(50, 300), w=small, n=small, d=dtypes)
+def test_gathers_read_the_rows_they_take_not_the_table(rows, w, n, d):
+    """embedding, index, index_select and gather read their index tensors and one source element per
+    output element, repeats counted (conventions.gather_bytes_read): n rows of a 50-300 row table read
+    n rows, not the table. Under the old rule (every argument's footprint) each read the table too."""
+    dt, size = DTYPES[d]
+    table, idx = t((rows, w), dt), torch.randint(0, rows, (n,))
+    idx[-1] = idx[0]                                   # a row taken twice is read twice
+    taken = {"bytes_read": n * 8 + n * w * size, "bytes_written": n * w * size, "elementwise_flops": 0}
+    for op, fn in (("embedding", lambda: F.embedding(idx, table)), ("index", lambda: table[idx]),
+                   ("index_select", lambda: table.index_select(0, idx))):
+        assert measured(fn) == {**taken, "ops": [op]}
+    cols = torch.randint(0, w, (rows, 2))              # gather: one element per index element
+    assert measured(lambda: torch.gather(table, 1, cols)) == {
+        "bytes_read": rows * 2 * 8 + rows * 2 * size, "bytes_written": rows * 2 * size, "elementwise_flops": 0,
+        "ops": ["gather"]}
+    _, cost = ops.index(ops.Spec((rows, w)), ops.Spec((n,), 8))    # the graph's formula counts alike
+    assert predicted(cost, size) == {k: v for k, v in taken.items()}
+
+
+def test_boolean_mask_index_reads_the_whole_mask_and_the_selected_rows():
+    """x[mask] (aten.index with a bool index): the mask is scanned whole (1 byte per element), and each
+    selected row is read once; the count is the data's (4 of 7 rows here)."""
+    x = torch.randn(7, 3)
+    mask = torch.tensor([True, False, True, True, False, False, True])
+    assert measured(lambda: x[mask]) == {"bytes_read": 7 * 1 + 4 * 3 * 4, "bytes_written": 4 * 3 * 4,
+                                         "elementwise_flops": 0, "ops": ["index"]}

@@ -163,15 +163,36 @@ def test_every_metric_rule_is_used_and_its_modules_exist():
 # Measured on the full model: `costgraph verify --image graphs/samples/a4_page.png --device cpu --scope vision
 # --metrics flops,elementwise_flops,bytes --dtype bf16|fp32` (gundam, 2x3 crops of 640 + the 1024 global view),
 # every node exact; pinned here so that the symbolic formulas keep producing them without the minutes-long run.
-# Re-measured once the reference ran the vendor's compressor clone (SPEC section 4 step 5): each bytes figure
-# is the earlier measurement plus that copy, read once and written once: 1 x 512 x 32 x 32 (global) and
-# 6 x 512 x 20 x 20 (crops) elements, e.g. bf16 global 5_523_837_192 + 1_048_576 = 5_524_885_768.
+# Two changes since that run, each added to the measured figure:
+# - the vendor's compressor clone (SPEC section 4 step 5), read once and written once: 1 x 512 x 32 x 32 (global)
+#   and 6 x 512 x 20 x 20 (crops) elements, e.g. bf16 global 5_523_837_192 + 1_048_576 = 5_524_885_768;
+# - bytes_read under the gather rule (conventions.gather_bytes_read): the change of the 25 gathers each view batch
+#   runs, recorded from the full-size reference on `meta` (bytes depend on shapes only): +4,410,368 global /
+#   +1,903,616 crops at bf16, twice that at fp32 (the SAM rel-pos lookups take s x s rows of a 2s - 1 row table:
+#   2 x (8 x 169 + 4 x (s^2 - (2s - 1))) x 64 x dtype_bytes, s = 64 global, 40 crops).
 A4_MEASURED = {
-    "bf16": {"vision.global": (8_286_156_608, 5_524_885_768, 4_324_629_956),
-             "vision.crops": (9_913_414_848, 9_479_648_520, 7_753_267_960)},
-    "fp32": {"vision.global": (8_286_156_608, 11_049_177_352, 8_645_605_000),
-             "vision.crops": (9_913_414_848, 18_920_270_600, 15_460_673_264)},
+    "bf16": {"vision.global": (8_286_156_608, 5_524_885_768 + 4_410_368, 4_324_629_956),
+             "vision.crops": (9_913_414_848, 9_479_648_520 + 1_903_616, 7_753_267_960)},
+    "fp32": {"vision.global": (8_286_156_608, 11_049_177_352 + 8_820_736, 8_645_605_000),
+             "vision.crops": (9_913_414_848, 18_920_270_600 + 3_807_232, 15_460_673_264)},
 }
+
+
+def test_rel_pos_and_position_lookups_read_the_rows_they_gather():
+    """A gather reads its index and the rows it takes, repeats counted: SAM's rel-pos lookup takes s x s
+    rows of head_dim 64 from a (2s - 1)-row table (more than the table), CLIP's position lookup each of
+    its 257 rows once. Full-size gundam views at bf16; the old rule (table + index) gives other numbers
+    for SAM's."""
+    from costgraph import symbols as S
+    from costgraph.evaluate import substitute
+
+    g = model.vision_graph(True)
+    at = {**model.mode_values(model.get_mode("gundam")), S.dtype_bytes: 2}
+    read = lambda n: substitute(g.cost(n).bytes_read, at)
+    for scope, s in (("global", 1024 // 16), ("crops", 640 // 16)):
+        assert read(f"vision.{scope}.sam.blocks.2.attn.rel_pos_h.gather") == s * s * 8 + s * s * 64 * 2  # global block
+        assert read(f"vision.{scope}.sam.blocks.0.attn.rel_pos_w.gather") == 14 * 14 * 8 + 14 * 14 * 64 * 2  # window
+        assert read(f"vision.{scope}.clip.embeddings.position_embedding.lookup") == 257 * 8 + 257 * 1024 * 2
 
 
 def test_symbolic_formulas_give_the_full_size_measurements():

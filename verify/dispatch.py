@@ -68,14 +68,21 @@ def _written_args(func, args, kwargs) -> list[torch.Tensor]:
 
 
 def op_metrics(func, args, kwargs, out) -> tuple[int, int, int]:
-    """(elementwise FLOPs, bytes read, bytes written) of one aten op under the conventions."""
+    """(elementwise FLOPs, bytes read, bytes written) of one aten op under the conventions
+    (a gather reads its indices and the elements it takes: `conventions.gather_bytes_read`)."""
     name = func.overloadpacket.__name__
     if _is_alias(func):
         return 0, 0, 0
     written = _written_args(func, args, kwargs)
     ins = [t for t in _tensors((args, kwargs)) if not any(t is w for w in written)]
     outs = written or _tensors(out)
-    read = sum(footprint(t) for t in ins)
+    if name in C.GATHERS:
+        # the source is the first argument; every other tensor argument is an index (a bool mask included)
+        source, index = args[0], [t for t in ins if t is not args[0]]
+        read = C.gather_bytes_read(sum(footprint(t) for t in index), sum(t.numel() for t in outs),
+                                   source.element_size())
+    else:
+        read = sum(footprint(t) for t in ins)
     wrote = sum(footprint(t) for t in outs)
     if func in FUSED_SDPA:
         q, k = args[0], args[1]

@@ -242,11 +242,13 @@ METRIC_NOTES = {
     "flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only.",
     "elementwise_flops": "Elementwise FLOPs per aten op under costgraph/conventions.py (norms, softmax, "
                          "activations, adds; matmul-class ops count 0 here).",
-    "bytes_read": "Bytes read, unfused: every op reads its inputs and weights (views move nothing).",
+    "bytes_read": "Bytes read, unfused: every op reads its inputs and weights (views move nothing; a gather "
+                  "reads its indices and the rows it takes, not its table).",
     "bytes_written": "Bytes written, unfused: every op writes its outputs (views move nothing).",
     "activation_bytes": "Sum of the bytes of every op output written (not a memory need: see "
                         "peak_activation_bytes).",
-    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs).",
+    "bytes": "bytes_read + bytes_written (unfused: every op reads its inputs and weights, writes its outputs; "
+             "a gather reads its indices and the rows it takes, not its table).",
     "params": "parameters the scope's nodes execute, each module once (not multiplied by crops or decode steps); "
               "the checkpoint (resident) count is `costgraph cost --metrics params`.",
     "weight_bytes": "bytes of the executed parameters at the storage dtype (the MoE router in fp32).",

@@ -135,9 +135,10 @@ def _cast(n, src, dst) -> Cost:
 
 @lm_kind("embedding")
 def embedding(ids, *, num_embeddings, embedding_dim, out_itemsize=S.dtype_bytes):
-    """aten.embedding: reads the ids and (by the bytes convention: every argument's footprint) the table."""
+    """aten.embedding: reads the ids and one table row per id (a gather: `C.gather_bytes_read`), not
+    the num_embeddings x embedding_dim table; writes the rows."""
     out = (*ids, embedding_dim)
-    return out, _cost(read=nbytes(ids) + num_embeddings * embedding_dim * out_itemsize,
+    return out, _cost(read=C.gather_bytes_read(nbytes(ids), numel(out), out_itemsize),
                       written=numel(out) * out_itemsize, out=numel(out) * out_itemsize)
 
 
@@ -330,7 +331,9 @@ def expert_mask(top, *, experts, hits):
 def expert_select(mask, *, rows, hits):
     """Per expert hit: `expert_idx == num_experts` (eq), its bool read, `expert_mask[idx]`'s index
     read, `torch.where(expert_mask[idx])` (nonzero over the k x T slice: (top_k_pos, token_idx)),
-    and the index reads of `gate_up_proj[idx]` and `down_proj[idx]`. `rows` (k per token) in all."""
+    and the index reads of `gate_up_proj[idx]` and `down_proj[idx]`. `rows` (k per token) in all.
+    Indexing by the 0-d `idx` is no gather (`conventions.GATHERS`): torch reads the index as a scalar
+    (aten._local_scalar_dense, its 8 bytes) and selects a view, so no table or slice is read there."""
     classes, k, tokens = mask
     scalars = hits * (INDEX + BOOL + 3 * INDEX)
     cost = (_cost(ew=ew("eq", hits), read=scalars, written=BOOL * hits)
@@ -339,10 +342,11 @@ def expert_select(mask, *, rows, hits):
 
 
 @lm_kind("expert_gather")
-def expert_gather(x, where, *, rows, hits, width):
-    """x[index] per expert hit: reads all of x (the footprint convention) and the index, writes the rows."""
-    read = hits * nbytes(x) + rows * INDEX          # token_idx: one per routed row
+def expert_gather(x, where, *, rows, width):
+    """x[token_idx] per expert hit (aten.index, a gather): reads its token_idx and the rows it takes,
+    writes them. Over all the experts hit, one index and one row of x per routed row."""
     b = itemsize(x)
+    read = C.gather_bytes_read(rows * INDEX, rows * width, b)
     return (rows, width), _cost(read=read, written=rows * width * b, out=rows * width * b)
 
 
@@ -388,10 +392,11 @@ def argmax_last(logits):
 
 
 @lm_kind("routed_gather")
-def routed_gather(weights, where, *, rows, hits):
-    """top_k_weights[token_idx, top_k_pos, None] per expert hit: reads all weights and both indices."""
-    return (rows, 1), _cost(read=hits * nbytes(weights) + 2 * INDEX * rows, written=rows * itemsize(weights),
-                            out=rows * itemsize(weights))
+def routed_gather(weights, where, *, rows):
+    """top_k_weights[token_idx, top_k_pos, None] per expert hit (aten.index with two index tensors, a
+    gather): reads both indices and the one weight each routed row takes, writes them."""
+    b = itemsize(weights)
+    return (rows, 1), _cost(read=C.gather_bytes_read(2 * INDEX * rows, rows, b), written=rows * b, out=rows * b)
 
 
 @P.register("routed_linear")
@@ -562,7 +567,7 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tens
     acc = b.op(f"{p}.experts.zeros_like", "zeros_init", flat)
     mask = b.op(f"{p}.experts.expert_mask", "expert_mask", top, experts=e, hits=hits, out_itemsize=INDEX)
     where = b.op(f"{p}.experts.where", "expert_select", mask, rows=rows, hits=hits, out_itemsize=INDEX)
-    x = b.op(f"{p}.experts.gather", "expert_gather", flat, where, rows=rows, hits=hits, width=hid)
+    x = b.op(f"{p}.experts.gather", "expert_gather", flat, where, rows=rows, width=hid)
     gu = b.op(f"{p}.experts.gate_up_proj", "routed_linear", x, in_features=hid, out_features=2 * inter,
               hits=hits, experts=e, active_experts=k)
     gate = b.op(f"{p}.experts.gate", "slice", gu, shape=(rows, inter))   # chunk(2): views
@@ -571,7 +576,7 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tens
     m = b.op(f"{p}.experts.mul", "mul", act, up)
     out = b.op(f"{p}.experts.down_proj", "routed_linear", m, in_features=inter, out_features=hid,
                hits=hits, experts=e, active_experts=k)
-    w = b.op(f"{p}.experts.routing_weights.select", "routed_gather", top, where, rows=rows, hits=hits)
+    w = b.op(f"{p}.experts.routing_weights.select", "routed_gather", top, where, rows=rows)
     out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32)
     out = b.op(f"{p}.experts.cast", "dtype_cast", out, out_itemsize=S.dtype_bytes)
     out = b.op(f"{p}.experts.combine", "index_add_", acc, out, where, hits=hits)
