@@ -96,21 +96,46 @@ def parse_hardware(text: str | None, dtype: str) -> list:
     return [get_hardware(n, dtype) for n in dict.fromkeys(items)]
 
 
+def output_text_tokens_option(q) -> None:
+    """--output-text-tokens N: the compression ratio N / valid tokens (SPEC section 3) in the layout records."""
+    q.add_argument("--output-text-tokens", type=int, default=None, metavar="N",
+                   help="tokens of the page's OCR text: adds compression_ratio = N / valid_tokens (the vendor's "
+                        "int rule), as the vendor's test_compress prints it (default: none)")
+
+
 # ---- commands ---------------------------------------------------------------------------
 
 def cmd_layout(args) -> int:
     from graphs import deepseek_ocr as model
 
     mode = model.get_mode(args.mode)
-    records = [model.layout_record(model.layout_for(w, h, mode, max_num=args.max_num), mode)
+    n = args.output_text_tokens
+    records = [model.layout_record(model.layout_for(w, h, mode, max_num=args.max_num), mode, n)
                for w, h in args.size]
     if args.json:
         print(json.dumps(records, indent=1))
     else:
+        ratio = [] if n is None else [f"compression ({n} / valid)"]
         print(table([[f"{r['width']}x{r['height']}", f"{r['w_crop']}x{r['h_crop']}", r["num_crops"],
-                      r["image_tokens"], r["paper_tokens"]] for r in records],
-                    ["page", "grid", "crops", "image tokens", "paper count"]))
+                      r["image_tokens"], r["paper_tokens"], r["valid_tokens"], r["valid_tokens_paper_ceil"]]
+                     + ([] if n is None else [ratio_text(r["compression_ratio"])]) for r in records],
+                    ["page", "grid", "crops", "image tokens", "paper count", "valid tokens", "valid (paper ceil)"]
+                    + ratio))
     return 0
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def valid_tokens_line(r: dict) -> str:
+    """The layout record's valid tokens (and compression ratio) in words."""
+    line = (f"valid tokens {r['valid_tokens']} (the vendor's int rule; {r['valid_tokens_paper_ceil']} with the "
+            f"paper's ceil)")
+    if "compression_ratio" in r:
+        line += (f"; compression {ratio_text(r['compression_ratio'])} = {r['output_text_tokens']} output text "
+                 f"tokens / {r['valid_tokens']} valid")
+    return line
 
 
 def _layout_from_args(args, mode):
@@ -160,8 +185,9 @@ def cmd_cost(args) -> int:
     cost_metrics = [m for g in groups for m in METRIC_GROUPS[g]] if args.metrics is not None else list(METRICS)
     totals = model.layout_totals(mode, layout, scopes, cost_metrics, text_tokens=args.text_tokens,
                                  output_tokens=args.output_tokens, variants=variants, dtype=args.dtype)
-    out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "sequence": sequence,
-           "variants": variants.as_dict(), "dtype": args.dtype, "metrics": list(groups), "totals": totals}
+    out = {"mode": mode.name, "layout": model.layout_record(layout, mode, args.output_text_tokens),
+           "sequence": sequence, "variants": variants.as_dict(), "dtype": args.dtype, "metrics": list(groups),
+           "totals": totals}
     from . import stages
 
     out.update(stages.extra_metrics(mode, layout, scopes, groups, totals, text_tokens=args.text_tokens,
@@ -174,6 +200,7 @@ def cmd_cost(args) -> int:
     print(f"mode {mode.name} ({mode.note})")
     print(f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
           f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
+    print(valid_tokens_line(r))
     print(f"prompt {sequence['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {sequence['text_tokens']} "
           f"text), {sequence['output_tokens']} output tokens (prefill + {sequence['decode_forwards']} decode forwards)")
     print(f"variants: {variants.label()}; storage dtype {args.dtype}")
@@ -201,8 +228,8 @@ def cmd_roofline(args) -> int:
     out = stages.extra_metrics(mode, layout, (), ("params", "activations", "kv_cache"), {},
                                text_tokens=args.text_tokens, output_tokens=args.output_tokens, variants=variants,
                                dtype=args.dtype, hardware=hardware, top=args.nodes)
-    out = {"mode": mode.name, "layout": model.layout_record(layout, mode), "sequence": sequence,
-           "variants": variants.as_dict(), "dtype": args.dtype, **out}
+    out = {"mode": mode.name, "layout": model.layout_record(layout, mode, args.output_text_tokens),
+           "sequence": sequence, "variants": variants.as_dict(), "dtype": args.dtype, **out}
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -324,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=parse_size, action="append", required=True, metavar="WxH")
     mode_arg(q)
     max_num_arg(q)
+    output_text_tokens_option(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_layout)
 
@@ -339,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt text after the image (default: %(default)s, an estimate of the OCR prompt)")
         q.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS,
                        help="generated tokens, >= 1: the prefill yields the first (default: %(default)s)")
+        output_text_tokens_option(q)
         variant_args(q)
 
     q = sub.add_parser("cost", help="layout and cost totals of one page")

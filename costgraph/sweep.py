@@ -1,5 +1,5 @@
-"""Sweeps: every crop grid, or many page sizes through the real layout rule, with tokens and
-every metric of every scope per point.
+"""Sweeps: every crop grid, or many page sizes through the real layout rule, with tokens (slots,
+the paper's count, valid tokens) and every metric of every scope per point.
 
 The expressions are compiled once per mode (`costgraph.evaluate.Compiled`) and evaluated on
 numpy arrays; the layout rule runs vectorised (`graphs.layout.layouts_for`). No per-point `subs`.
@@ -115,8 +115,8 @@ def _json_column(a: np.ndarray) -> list[str]:
         return ["true" if x else "false" for x in a.tolist()]
     if a.dtype.kind in "iu":
         return list(map(str, a.tolist()))
-    if a.dtype.kind == "f":
-        return list(map(repr, a.tolist()))
+    if a.dtype.kind == "f":  # NaN (a compression ratio without valid tokens) is null
+        return ["null" if x != x else repr(x) for x in a.tolist()]
     return [json.dumps(x) for x in a.tolist()]
 
 
@@ -220,9 +220,34 @@ def _metrics(metrics=None) -> tuple[str, ...]:
 
 # ---- sweeps --------------------------------------------------------------------------
 
+GRID_PAGE_NOTE = "valid tokens of each grid's nominal page: image_size*w_crop x image_size*h_crop"
+
+
+def token_columns(evaluated: dict, widths, heights, num_crops, mode, output_text_tokens: int | None) -> dict:
+    """image_tokens and paper_tokens (moved out of `evaluated`), then the valid tokens of the pages
+    (`graphs.layout.valid_tokens_for`) and, with output_text_tokens, the compression ratio (NaN without
+    valid tokens)."""
+    from graphs.layout import VALID_TOKENS, VALID_TOKENS_PAPER_CEIL, compression_ratios, valid_tokens_for
+
+    valid = valid_tokens_for(widths, heights, num_crops, mode)
+    cols = {k: evaluated.pop(k) for k in ("image_tokens", "paper_tokens")}
+    cols.update({VALID_TOKENS: valid.vendor, VALID_TOKENS_PAPER_CEIL: valid.paper_ceil})
+    if output_text_tokens is not None:
+        cols["compression_ratio"] = compression_ratios(output_text_tokens, valid.vendor)
+    return cols
+
+
+def _check_output_text_tokens(n):
+    from graphs.layout import check_output_text_tokens
+
+    return None if n is None else check_output_text_tokens(n)
+
 def sweep_grids(mode_name: str, grids=None, max_num: int | None = None, seq: Sequence = Sequence(),
-                scopes=None, metrics=None) -> Sweep:
-    """Every given crop grid (default: all the layout can produce for max_num, 1x1 excluded)."""
+                scopes=None, metrics=None, output_text_tokens: int | None = None) -> Sweep:
+    """Every given crop grid (default: all the layout can produce for max_num, 1x1 excluded).
+
+    Valid tokens need a page: each grid's nominal one (`layout_for_grid`), as `cost --grid` takes it.
+    """
     from graphs.config import MAX_CROPS
     from graphs.layout import candidate_grids, layout_for_grid
 
@@ -237,28 +262,42 @@ def sweep_grids(mode_name: str, grids=None, max_num: int | None = None, seq: Seq
     for g in grids:
         layout_for_grid(*g, mode)  # validates
     scopes, metrics, seq = _scopes(mode_name, scopes), _metrics(metrics), seq.resolved()
+    output_text_tokens = _check_output_text_tokens(output_text_tokens)
     w = np.array([g[0] for g in grids], dtype=np.int64)
     h = np.array([g[1] for g in grids], dtype=np.int64)
     tiled = w * h > 1
     cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
             "num_crops": np.where(tiled, w * h, 0)}
-    cols.update(evaluate(mode_name, w, h, scopes, metrics, seq))
-    base = evaluate(mode_name, np.ones(1, np.int64), np.ones(1, np.int64), scopes, metrics, seq)
+    ev = evaluate(mode_name, w, h, scopes, metrics, seq)
+    cols.update(token_columns(ev, mode.image_size * w, mode.image_size * h, cols["num_crops"], mode,
+                              output_text_tokens))
+    cols.update(ev)
+    one = np.ones(1, np.int64)
+    base = evaluate(mode_name, one, one, scopes, metrics, seq)
+    base_tokens = token_columns(base, one * mode.image_size, one * mode.image_size, 0 * one, mode, output_text_tokens)
     no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
-               "image_tokens": int(base["image_tokens"][0]), "paper_tokens": int(base["paper_tokens"][0]),
+               **{k: _json_value(v[0]) for k, v in base_tokens.items()},
                "totals": {s: {m: int(base[_column_name(s, m)][0]) for m in metrics} for s in scopes},
                "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1"}
     source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
         f"{a}x{b}" for a, b in grids)
-    params = {"max_num": max_num, **seq.as_dict(), "source": source}
+    params = {"max_num": max_num, **seq.as_dict(), "source": source, "output_text_tokens": output_text_tokens,
+              "valid_tokens_page": GRID_PAGE_NOTE}
     return Sweep(mode_name, "grids", cols, scopes, metrics, params, no_crop)
+
+
+def _json_value(x):
+    """A numpy scalar as a JSON value: int, float, or None for NaN."""
+    x = x.item()
+    return None if isinstance(x, float) and x != x else x
 
 
 def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq: Sequence = Sequence(),
                 labels=None,
                 scopes=None, metrics=None, source: str = "pages", progress: bool | None = None,
-                curve: bool = False) -> Sweep:
-    """Page sizes through the vendor's layout rule, then tokens and every metric.
+                curve: bool = False, output_text_tokens: int | None = None) -> Sweep:
+    """Page sizes through the vendor's layout rule, then tokens (valid tokens from each page's own size)
+    and every metric; with output_text_tokens, the compression ratio per page.
 
     `curve`: the pages are one series (an aspect sweep), which the plots draw as a line with its grid switches.
     """
@@ -271,14 +310,19 @@ def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq
     if widths.shape != heights.shape or widths.size == 0:
         raise ValueError("a page sweep needs as many widths as heights, at least one")
     scopes, metrics, seq = _scopes(mode_name, scopes), _metrics(metrics), seq.resolved()
-    lay = layouts_for(widths, heights, _mode(mode_name), max_num=max_num)
+    output_text_tokens = _check_output_text_tokens(output_text_tokens)
+    mode = _mode(mode_name)
+    lay = layouts_for(widths, heights, mode, max_num=max_num)
     cols = {}
     if labels is not None:
         cols["page"] = np.asarray(labels)
     cols.update({"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
                  "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops})
-    cols.update(evaluate(mode_name, lay.w_crop, lay.h_crop, scopes, metrics, seq, progress))
-    params = {"max_num": max_num, **seq.as_dict(), "source": source, "curve": curve}
+    ev = evaluate(mode_name, lay.w_crop, lay.h_crop, scopes, metrics, seq, progress)
+    cols.update(token_columns(ev, lay.width, lay.height, lay.num_crops, mode, output_text_tokens))
+    cols.update(ev)
+    params = {"max_num": max_num, **seq.as_dict(), "source": source, "curve": curve,
+              "output_text_tokens": output_text_tokens}
     return Sweep(mode_name, "pages", cols, scopes, metrics, params)
 
 
@@ -398,15 +442,16 @@ def run_from_args(args) -> Sweep:
     from .cli import UserError, _variants_from_args
 
     seq = Sequence(args.text_tokens, args.output_tokens, _variants_from_args(args), args.dtype)
+    n = _check_output_text_tokens(args.output_text_tokens)
     if args.heights and not args.widths:
         raise UserError("--heights needs --widths")
     if args.grids:
-        return sweep_grids(args.mode, _grid_list(args.grids), args.max_num, seq)
+        return sweep_grids(args.mode, _grid_list(args.grids), args.max_num, seq, output_text_tokens=n)
     if args.widths:
         if not args.heights:
             raise UserError("--widths needs --heights")
         w, h = range_pages(args.widths, args.heights)
-        return sweep_pages(args.mode, w, h, args.max_num, seq,
+        return sweep_pages(args.mode, w, h, args.max_num, seq, output_text_tokens=n,
                            source=f"widths {args.widths} x heights {args.heights} px")
     if args.paper_sizes:
         try:
@@ -414,16 +459,17 @@ def run_from_args(args) -> Sweep:
         except ValueError:
             raise UserError(f"malformed --dpi {args.dpi!r}: expected integers, e.g. 150,200,300") from None
         labels, w, h = paper_pages(dpis)
-        return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels,
+        return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels, output_text_tokens=n,
                            source=f"paper sizes at {', '.join(map(str, dpis))} dpi")
     if args.aspects:
         lo, hi, n = parse_aspects(args.aspects)
         aw, ah = args.area
         w, h = aspect_pages(lo, hi, n, aw * ah)
-        return sweep_pages(args.mode, w, h, args.max_num, seq,
+        return sweep_pages(args.mode, w, h, args.max_num, seq, output_text_tokens=n,
                            source=f"aspect W/H {lo:g}..{hi:g} at the pixel area of {aw}x{ah}", curve=True)
     labels, w, h = folder_pages(args.folder)
-    return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels, source=f"images in {args.folder}")
+    return sweep_pages(args.mode, w, h, args.max_num, seq, labels=labels, output_text_tokens=n,
+                       source=f"images in {args.folder}")
 
 
 def cmd_sweep(args) -> int:
@@ -450,11 +496,13 @@ def cmd_sweep(args) -> int:
         print(f"  {path}")
     if s.kind == "grids":
         top = whole_scope(s.scopes)
-        rows = [[g, n, t] + [human(int(s.value(top, m)[k])) for m in s.metrics]
-                for k, (g, n, t) in enumerate(zip(s.columns["grid"], s.columns["num_crops"],
-                                                  s.columns["image_tokens"]))]
+        rows = [[g, n, t, v] + [human(int(s.value(top, m)[k])) for m in s.metrics]
+                for k, (g, n, t, v) in enumerate(zip(s.columns["grid"], s.columns["num_crops"],
+                                                     s.columns["image_tokens"], s.columns["valid_tokens"]))]
         if s.no_crop:
             nc = s.no_crop
-            rows.insert(0, ["1x1 (no crops)", 0, nc["image_tokens"]] + [human(nc["totals"][top][m]) for m in s.metrics])
-        print(table(rows, ["grid", "crops", "image tokens"] + [f"{m}[{top}]" for m in s.metrics]))
+            rows.insert(0, ["1x1 (no crops)", 0, nc["image_tokens"], nc["valid_tokens"]]
+                        + [human(nc["totals"][top][m]) for m in s.metrics])
+        print(table(rows, ["grid", "crops", "image tokens", "valid tokens*"] + [f"{m}[{top}]" for m in s.metrics]))
+        print(f"* {GRID_PAGE_NOTE}")
     return 0
