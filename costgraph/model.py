@@ -157,15 +157,14 @@ class Model:
         """Per-point columns of a sweep beyond the metrics (e.g. token counts), as expressions."""
         return {}
 
-    def page_columns(self, mode, widths, heights, max_num=None):
+    def page_columns(self, mode, widths, heights, max_num=None, **options):
         """Arrays of page sizes -> (columns, {point symbol name: array}, params) for a sweep."""
         raise ValueError(f"{self.name} has no page layout to sweep")
 
-    def grid_columns(self, mode, grids=None, max_num=None):
+    def grid_columns(self, mode, grids=None, max_num=None, **options):
+        """Grids -> (columns, {point symbol name: array}, (baseline point arrays, baseline record) or None,
+        params) for a sweep; the baseline is a case reported beside the grids (DeepSeek-OCR's no-crop 1x1)."""
         raise ValueError(f"{self.name} has no grids to sweep")
-
-    def no_crop_record(self, base) -> dict:
-        return {}
 
     def unrunnable(self, columns, sequence):
         """(mask of sweep points the model cannot run, why), or None."""

@@ -41,6 +41,8 @@ def test_csv_equals_cost_command(capsys):
         code, text, _ = run(capsys, *argv)
         cost = json.loads(text)
         assert int(r["image_tokens"]) == cost["layout"]["image_tokens"]
+        if r["grid"] != "-":  # a grid's row and `cost --grid` take the same nominal page
+            assert int(r["valid_tokens"]) == cost["layout"]["valid_tokens"]
         for scope, ms in cost["totals"].items():
             for m, v in ms.items():
                 assert int(r[f"{scope}:{m}"]) == v
@@ -55,7 +57,7 @@ def test_markdown_shows_scaled_values(capsys):
     e2e = rows[0].totals["e2e"]["flops"]
     line = next(l for l in out.splitlines() if l.startswith("| gundam | 2x3 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[:5] == ["gundam", "2x3", "1x1024 + 6x640", "903", "856"]
+    assert cells[:7] == ["gundam", "2x3", "1x1024 + 6x640", "903", "856", "770", "771"]
     assert cells[-1] == f"{e2e / 1e9:,.1f}"
     assert "**flops (x10^9) per page** (text_tokens=10, output_tokens=1000, dtype=bf16, attention=eager" in out
     base = next(l for l in out.splitlines() if l.startswith("| base |"))
@@ -70,7 +72,7 @@ def test_latex_is_booktabs_with_escaped_names(capsys):
     assert r"\texttt{vision.global}" in out and r"\texttt{decoder.prefill}" in out
     row = next(l for l in out.splitlines() if l.startswith("gundam"))
     assert row.startswith(r"gundam & 2$\times$3 & 1$\times$1024 + 6$\times$640 & 903 & 856 & ")
-    assert row.endswith(r" \\") and row.count("&") == 4 + len(model.scopes_for(MODES["gundam"]))
+    assert row.endswith(r" \\") and row.count("&") == 6 + len(model.scopes_for(MODES["gundam"]))
     tiny = next(l for l in out.splitlines() if l.startswith("tiny"))
     assert " & -- & " in tiny
 

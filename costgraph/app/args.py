@@ -52,6 +52,18 @@ def sequence_args(q) -> None:
                    help="generated tokens, >= 1: the prefill yields the first (default: the model's, 1000)")
 
 
+def output_text_tokens_arg(q) -> None:
+    q.add_argument("--output-text-tokens", type=int, default=None, metavar="N",
+                   help="tokens of the page's OCR text: adds compression_ratio = N / valid_tokens (the vendor's "
+                        "int rule), as the vendor's test_compress prints it (DeepSeek-OCR; default: none)")
+
+
+def input_options(args) -> dict:
+    """Options of the model's input beyond its size and sequence (given ones only)."""
+    n = getattr(args, "output_text_tokens", None)
+    return {} if n is None else {"output_text_tokens": n}
+
+
 def page_args(q) -> None:
     """One input (by size, image or grid) and what the language model runs for it."""
     mode_arg(q)
@@ -63,6 +75,7 @@ def page_args(q) -> None:
                    help="accept a --grid the layout cannot produce under --max-num (labelled what-if)")
     max_num_arg(q)
     sequence_args(q)
+    output_text_tokens_arg(q)
     variant_args(q)
 
 
@@ -110,7 +123,7 @@ def sequence_of(model, args) -> dict:
 
 def point_of(model, mode, args):
     return model.point(mode, size=args.size, image=args.image, grid=args.grid, max_num=args.max_num,
-                       what_if=args.what_if, **sequence_of(model, args))
+                       what_if=args.what_if, **sequence_of(model, args), **input_options(args))
 
 
 def scopes_of(model, mode, args) -> tuple[str, ...]:

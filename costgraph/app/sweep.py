@@ -26,8 +26,8 @@ from costgraph.evaluate import Compiled
 from costgraph.io import write_atomic
 from costgraph.render import human, table
 from graphs.pages import open_page
-from .args import (dtype_arg, max_num_arg, mode_arg, model_arg, model_of, sequence_args, sequence_of, variant_args,
-                   variants_of)
+from .args import (dtype_arg, input_options, max_num_arg, mode_arg, model_arg, model_of, output_text_tokens_arg,
+                   sequence_args, sequence_of, variant_args, variants_of)
 from .models import get_model
 from .text import UserError, parse_size
 
@@ -129,8 +129,8 @@ def _json_column(a: np.ndarray) -> list[str]:
         return ["true" if x else "false" for x in a.tolist()]
     if a.dtype.kind in "iu":
         return list(map(str, a.tolist()))
-    if a.dtype.kind == "f":
-        return list(map(repr, a.tolist()))
+    if a.dtype.kind == "f":  # NaN (a compression ratio without valid tokens) is null
+        return ["null" if x != x else repr(x) for x in a.tolist()]
     return [json.dumps(x) for x in a.tolist()]
 
 
@@ -242,25 +242,28 @@ def _sweep(model, mode, kind, cols, points, scopes, metrics, seq, params, progre
 # ---- sweeps --------------------------------------------------------------------------
 
 def sweep_grids(mode_name: str, grids=None, max_num: int | None = None, seq: Sequence = Sequence(),
-                scopes=None, metrics=None) -> Sweep:
-    """Every given crop grid (default: all the layout can produce for max_num, 1x1 excluded)."""
+                scopes=None, metrics=None, **options) -> Sweep:
+    """Every given crop grid (default: all the layout can produce for max_num, 1x1 excluded); `options`
+    go to the model (DeepSeek-OCR: output_text_tokens for the compression ratio)."""
     seq = seq.resolved()
     model = get_model(seq.model)
     mode = model.get_mode(mode_name)
-    cols, points, no_crop_points, params = model.grid_columns(mode, grids, max_num)
+    cols, points, baseline, params = model.grid_columns(mode, grids, max_num, **options)
     scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
     no_crop = None
-    if no_crop_points is not None:
-        base = evaluate(mode_name, no_crop_points, scopes, metrics, seq)
-        no_crop = {**model.no_crop_record(base), "totals": {s: {m: int(base[_column_name(s, m)][0])
-                                                                for m in metrics} for s in scopes}}
+    if baseline is not None:
+        base_points, record = baseline
+        base = evaluate(mode_name, base_points, scopes, metrics, seq)
+        extra = {k: int(v[0]) for k, v in base.items() if ":" not in k}
+        no_crop = {**record, **extra, "totals": {s: {m: int(base[_column_name(s, m)][0]) for m in metrics}
+                                                 for s in scopes}}
     return _sweep(model, mode, "grids", cols, points, scopes, metrics, seq, {**params, **seq.as_dict()},
                   no_crop=no_crop)
 
 
 def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq: Sequence = Sequence(),
                 labels=None, scopes=None, metrics=None, source: str = "pages", progress: bool | None = None,
-                curve: bool = False, errors=()) -> Sweep:
+                curve: bool = False, errors=(), **options) -> Sweep:
     """Page sizes through the model's layout rule, then its per-point columns and every metric.
 
     `curve`: the pages are one series (an aspect sweep), which the plots draw as a line with its grid switches.
@@ -273,7 +276,7 @@ def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq
     if widths.shape != heights.shape or widths.size == 0:
         raise ValueError("a page sweep needs as many widths as heights, at least one")
     scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
-    cols, points, params = model.page_columns(mode, widths, heights, max_num)
+    cols, points, params = model.page_columns(mode, widths, heights, max_num, **options)
     if labels is not None:
         cols = {"page": np.asarray(labels), **cols}
     params = {**params, **seq.as_dict(), "source": source, "curve": curve}
@@ -392,6 +395,7 @@ def add_parser(sub) -> None:
     q.add_argument("--out", required=True, metavar="DIR", help="sweep.csv, sweep.json and the plots go here")
     q.add_argument("--no-plots", action="store_true")
     sequence_args(q)
+    output_text_tokens_arg(q)
     dtype_arg(q)
     variant_args(q)
     max_num_arg(q)
@@ -409,34 +413,35 @@ def run_from_args(args) -> Sweep:
     model = model_of(args)
     mode = (args.mode or model.default_mode)
     seq = Sequence(model.name, tuple(sequence_of(model, args).items()), variants_of(model, args), args.dtype)
+    opts = input_options(args)
     if args.heights and not args.widths:
         raise UserError("--heights needs --widths")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} exists and is not a folder")
     if args.grids:
-        return sweep_grids(mode, _grid_list(args.grids), args.max_num, seq)
+        return sweep_grids(mode, _grid_list(args.grids), args.max_num, seq, **opts)
     if args.widths:
         if not args.heights:
             raise UserError("--widths needs --heights")
         w, h = range_pages(args.widths, args.heights)
-        return sweep_pages(mode, w, h, args.max_num, seq, source=f"widths {args.widths} x heights {args.heights} px")
+        return sweep_pages(mode, w, h, args.max_num, seq, **opts, source=f"widths {args.widths} x heights {args.heights} px")
     if args.paper_sizes:
         try:
             dpis = [int(d) for d in args.dpi.split(",") if d.strip()]
         except ValueError:
             raise UserError(f"malformed --dpi {args.dpi!r}: expected integers, e.g. 150,200,300") from None
         labels, w, h = paper_pages(dpis)
-        return sweep_pages(mode, w, h, args.max_num, seq, labels=labels,
+        return sweep_pages(mode, w, h, args.max_num, seq, labels=labels, **opts,
                            source=f"paper sizes at {', '.join(map(str, dpis))} dpi")
     if args.aspects:
         lo, hi, n = parse_aspects(args.aspects)
         aw, ah = args.area
         w, h = aspect_pages(lo, hi, n, aw * ah)
-        return sweep_pages(mode, w, h, args.max_num, seq,
+        return sweep_pages(mode, w, h, args.max_num, seq, **opts,
                            source=f"aspect W/H {lo:g}..{hi:g} at the pixel area of {aw}x{ah}", curve=True)
     labels, w, h, errors = folder_pages(args.folder)
     return sweep_pages(mode, w, h, args.max_num, seq, labels=labels, source=f"images in {args.folder}",
-                       errors=errors)
+                       errors=errors, **opts)
 
 
 def cmd_sweep(args) -> int:

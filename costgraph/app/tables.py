@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from costgraph.cost import METRICS
 from costgraph.io import write_atomic
 from costgraph.stages import totals as exact_totals
-from .args import dtype_arg, max_num_arg, model_arg, model_of, sequence_args, sequence_of, variant_args, variants_of
+from .args import (dtype_arg, input_options, max_num_arg, model_arg, model_of, output_text_tokens_arg, sequence_args,
+                   sequence_of, variant_args, variants_of)
 from .models import get_model
 from .text import UserError, parse_size
 
@@ -43,7 +44,7 @@ def parse_rows(text: str) -> list[tuple[str, tuple[int, int] | None]]:
 
 
 def build_rows(spec, sequence: dict | None = None, variants=None, metrics=METRICS, dtype: str | None = None,
-               model=None, max_num: int = 9) -> list[Row]:
+               model=None, max_num: int = 9, **options) -> list[Row]:
     """One row per (mode, grid or None): the model's table input for it, every scope x metric exact."""
     model = get_model() if model is None else model
     variants = model.variants() if variants is None else variants
@@ -51,7 +52,7 @@ def build_rows(spec, sequence: dict | None = None, variants=None, metrics=METRIC
     rows = []
     for mode_name, grid in spec:
         mode = model.get_mode(mode_name)
-        point = model.table_point(mode, grid, max_num=max_num, **seq)
+        point = model.table_point(mode, grid, max_num=max_num, **seq, **options)
         totals = exact_totals(model, mode, point, model.scopes(mode), metrics, variants, dtype or "bf16")
         rows.append(Row(mode.name, tuple(model.table_cells(mode, point)), totals))
     return rows
@@ -186,6 +187,7 @@ def add_parser(sub) -> None:
     q.add_argument("--scale", choices=list(SCALES), default="G",
                    help="md and latex show values divided by this (default: %(default)s = 10^9); csv is exact")
     sequence_args(q)
+    output_text_tokens_arg(q)
     dtype_arg(q)
     variant_args(q)
     max_num_arg(q)
@@ -202,7 +204,7 @@ def cmd_table(args) -> int:
     spec = parse_rows(args.rows or model.default_table_rows)
     variants = variants_of(model, args)
     seq = sequence_of(model, args)
-    rows = build_rows(spec, seq, variants, metrics, args.dtype, model, args.max_num)
+    rows = build_rows(spec, seq, variants, metrics, args.dtype, model, args.max_num, **input_options(args))
     text = render(rows, args.format, metrics, args.scale, context_line(seq, args.dtype, variants), model.label)
     if args.out:
         write_atomic(args.out, text)

@@ -86,8 +86,10 @@ class DeepSeekOCR(Model):
         return {"text_tokens": DEFAULT_TEXT_TOKENS, "output_tokens": DEFAULT_OUTPUT_TOKENS}
 
     def point(self, mode, *, size=None, image=None, grid=None, max_num=MAX_CROPS, what_if=False,
-              text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS) -> Point:
-        """A page (by size, image file or crop grid) and what the language model runs for it."""
+              text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS,
+              output_text_tokens=None) -> Point:
+        """A page (by size, image file or crop grid) and what the language model runs for it;
+        `output_text_tokens` (the page's OCR text in tokens) adds the compression ratio."""
         note = None
         if grid is not None:
             lay = L.layout_for_grid(*grid, mode)
@@ -96,7 +98,7 @@ class DeepSeekOCR(Model):
             lay = assembly.layout_for_image(image, mode, max_num)
         else:
             lay = L.layout_for(*size, mode, max_num=max_num)
-        rec = {"layout": assembly.layout_record(lay, mode),
+        rec = {"layout": assembly.layout_record(lay, mode, output_text_tokens),
                "sequence": assembly.sequence_record(mode, lay, text_tokens, output_tokens)}
         if note:
             rec["layout"]["what_if"] = note
@@ -111,19 +113,25 @@ class DeepSeekOCR(Model):
 
     def summary_columns(self, layout: dict) -> dict:
         """A layout record's columns for a table of pages."""
-        return {"page": f"{layout['width']}x{layout['height']}", "grid": f"{layout['w_crop']}x{layout['h_crop']}",
-                "crops": layout["num_crops"], "image tokens": layout["image_tokens"],
-                "paper count": layout["paper_tokens"]}
+        out = {"page": f"{layout['width']}x{layout['height']}", "grid": f"{layout['w_crop']}x{layout['h_crop']}",
+               "crops": layout["num_crops"], "image tokens": layout["image_tokens"],
+               "paper count": layout["paper_tokens"], "valid tokens": layout["valid_tokens"],
+               "valid (paper ceil)": layout["valid_tokens_paper_ceil"]}
+        if "compression_ratio" in layout:
+            out[f"compression ({layout['output_text_tokens']} / valid)"] = _ratio_text(layout["compression_ratio"])
+        return out
 
     # ---- tables and sweeps --------------------------------------------------------------------
     label = "DeepSeek-OCR"
     default_table_rows = "tiny,small,base,large,gundam:2x2,gundam:2x3,gundam:3x3,gundam:4x2"
     point_symbols = (S.w_crop, S.h_crop)
 
-    def table_point(self, mode, grid, *, max_num=MAX_CROPS, **sequence) -> Point:
+    def table_point(self, mode, grid, *, max_num=MAX_CROPS, **options) -> Point:
+        """A row is a mode and a grid, not a page: its valid tokens are those of the grid's nominal page
+        (image_size*A x image_size*B, as `cost --grid` takes it)."""
         if mode.crop_mode and grid is None:
             raise ValueError(f"mode {mode.name} crops: give its grid, e.g. {mode.name}:2x3")
-        return self.point(mode, grid=grid or (1, 1), max_num=max_num, **sequence)
+        return self.point(mode, grid=grid or (1, 1), max_num=max_num, **options)
 
     def table_cells(self, mode, point):
         r = point.record["layout"]
@@ -133,14 +141,18 @@ class DeepSeekOCR(Model):
             views = f"1x{mode.image_size}"
         return [("grid", "grid", f"{r['w_crop']}x{r['h_crop']}" if mode.crop_mode else "-"),
                 ("views", "views (count x side px)", views), ("image_tokens", "image tokens", r["image_tokens"]),
-                ("paper_tokens", "paper count", r["paper_tokens"])]
+                ("paper_tokens", "paper count", r["paper_tokens"]), ("valid_tokens", "valid tokens", r["valid_tokens"]),
+                ("valid_tokens_paper_ceil", "valid (paper ceil)", r["valid_tokens_paper_ceil"])] + \
+            ([("compression_ratio", "compression", _ratio_text(r["compression_ratio"]))]
+             if "compression_ratio" in r else [])
 
     def point_exprs(self, mode):
         tokens = L.image_tokens(mode)
         return {"image_tokens": tokens["total"], "paper_tokens": tokens["paper"]}
 
-    def grid_columns(self, mode, grids=None, max_num=None):
-        """Every grid the layout can produce under max_num (or the given ones), and the no-crop 1x1."""
+    def grid_columns(self, mode, grids=None, max_num=None, output_text_tokens=None):
+        """Every grid the layout can produce under max_num (or the given ones), and the no-crop 1x1.
+        Valid tokens need a page: each grid's nominal one (`layout_for_grid`), as `cost --grid` takes it."""
         if not mode.crop_mode:
             raise ValueError(f"mode {mode.name!r} does not crop: a grid sweep needs a crop mode (gundam, gundam-m)")
         max_num = MAX_CROPS if max_num is None else max_num
@@ -154,23 +166,27 @@ class DeepSeekOCR(Model):
         h = np.array([g[1] for g in grids], dtype=np.int64)
         cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
                 "num_crops": np.where(w * h > 1, w * h, 0)}
+        cols.update(_valid_columns(mode.image_size * w, mode.image_size * h, cols["num_crops"], mode,
+                                   output_text_tokens))
         one = np.ones(1, np.int64)
+        no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
+                   "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1",
+                   **{k: _json_value(v[0]) for k, v in _valid_columns(
+                       one * mode.image_size, one * mode.image_size, 0 * one, mode, output_text_tokens).items()}}
         source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
             f"{a}x{b}" for a, b in grids)
-        return cols, {"w_crop": w, "h_crop": h}, {"w_crop": one, "h_crop": one}, \
-            {"max_num": max_num, "source": source}
+        return cols, {"w_crop": w, "h_crop": h}, ({"w_crop": one, "h_crop": one}, no_crop), \
+            {"max_num": max_num, "source": source, "output_text_tokens": output_text_tokens,
+             "valid_tokens_page": GRID_PAGE_NOTE}
 
-    def no_crop_record(self, base):
-        return {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
-                "image_tokens": int(base["image_tokens"][0]), "paper_tokens": int(base["paper_tokens"][0]),
-                "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1"}
-
-    def page_columns(self, mode, widths, heights, max_num=None):
+    def page_columns(self, mode, widths, heights, max_num=None, output_text_tokens=None):
         max_num = MAX_CROPS if max_num is None else max_num
         lay = L.layouts_for(widths, heights, mode, max_num=max_num)
         cols = {"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
                 "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops}
-        return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num}
+        cols.update(_valid_columns(lay.width, lay.height, lay.num_crops, mode, output_text_tokens))
+        return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num,
+                                                                     "output_text_tokens": output_text_tokens}
 
     def unrunnable(self, cols, sequence):
         """Points whose prompt and output exceed the language model's positions."""
@@ -189,7 +205,7 @@ class DeepSeekOCR(Model):
 
     def describe(self, mode, point, variants, dtype):
         r, q = point.record["layout"], point.record["sequence"]
-        return [f"mode {mode.name} ({mode.note})", point.label,
+        return [f"mode {mode.name} ({mode.note})", point.label, _valid_tokens_line(r),
                 f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
                 f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)",
                 f"variants: {variants.label()}; storage dtype {dtype}"]
@@ -208,6 +224,39 @@ class DeepSeekOCR(Model):
                          f"({p['active_per_token_without_embedding_row']:,} without the embedding row; "
                          f"published: 570M)")
         return lines
+
+
+GRID_PAGE_NOTE = "valid tokens of each grid's nominal page: image_size*w_crop x image_size*h_crop"
+
+
+def _valid_columns(widths, heights, num_crops, mode, output_text_tokens=None) -> dict:
+    """Valid tokens of pages (the vendor's int rule and the paper's ceil) and, with the page's output
+    text tokens, the compression ratio (NaN where a page has no valid tokens)."""
+    valid = L.valid_tokens_for(widths, heights, num_crops, mode)
+    cols = {L.VALID_TOKENS: valid.vendor, L.VALID_TOKENS_PAPER_CEIL: valid.paper_ceil}
+    if output_text_tokens is not None:
+        cols["compression_ratio"] = L.compression_ratios(output_text_tokens, valid.vendor)
+    return cols
+
+
+def _json_value(x):
+    """A numpy scalar as a JSON value: int, float, or None for NaN."""
+    x = x.item()
+    return None if isinstance(x, float) and x != x else x
+
+
+def _ratio_text(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
+def _valid_tokens_line(r: dict) -> str:
+    """The layout record's valid tokens (and compression ratio) in words."""
+    line = (f"valid tokens {r['valid_tokens']} (the vendor's int rule; {r['valid_tokens_paper_ceil']} with the "
+            f"paper's ceil)")
+    if "compression_ratio" in r:
+        line += (f"; compression {_ratio_text(r['compression_ratio'])} = {r['output_text_tokens']} output text "
+                 f"tokens / {r['valid_tokens']} valid")
+    return line
 
 
 def _released(step: int, sizes) -> str:

@@ -19,7 +19,8 @@ from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
 from .decoder import VENDOR, Variants
-from .layout import Layout, crops_run, layout_for, layout_for_grid, tokens_for
+from .layout import (VALID_TOKENS, Layout, compression_ratio, crops_run, layout_for, layout_for_grid, tokens_for,
+                     valid_tokens)
 
 SCOPES = ("vision", "vision.global", "vision.crops")
 DECODER_SCOPES = ("decoder", "decoder.prefill", "decoder.decode")
@@ -149,9 +150,23 @@ def layout_for_image(path: str, mode: Mode, max_num: int = MAX_CROPS) -> Layout:
         return layout_for(img.width, img.height, mode, max_num=max_num)
 
 
-def layout_record(layout: Layout, mode: Mode) -> dict:
+COMPRESSION_BASIS = f"output_text_tokens / {VALID_TOKENS} (the vendor's int rule)"
+
+
+def layout_record(layout: Layout, mode: Mode, output_text_tokens: int | None = None) -> dict:
+    """The layout, its token slots, the paper's count and the valid tokens (SPEC section 3).
+
+    `output_text_tokens` (the page's OCR text in tokens): adds the vendor's compression ratio,
+    output text tokens / valid tokens (None when the page has no valid tokens).
+    """
     tokens = tokens_for(layout, mode)
-    return {**layout.as_dict(), "image_tokens": tokens["total"], "paper_tokens": tokens["paper"], "tokens": tokens}
+    rec = {**layout.as_dict(), "image_tokens": tokens["total"], "paper_tokens": tokens["paper"],
+           **valid_tokens(layout, mode), "tokens": tokens}
+    if output_text_tokens is not None:
+        rec.update(output_text_tokens=output_text_tokens,
+                   compression_ratio=compression_ratio(output_text_tokens, rec[VALID_TOKENS]),
+                   compression_ratio_basis=COMPRESSION_BASIS)
+    return rec
 
 
 @lru_cache(maxsize=None)

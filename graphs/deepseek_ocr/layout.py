@@ -1,4 +1,5 @@
-"""The crop layout and the image-token count: `dynamic_preprocess` mirrored (SPEC sections 2-3).
+"""The crop layout, the image-token count and the valid tokens: `dynamic_preprocess` and the vendor's
+`test_compress` bookkeeping mirrored (SPEC sections 2-3).
 
 This is the one implementation: the graph's substitution, the CLI and the verifier's
 preprocessing all call it.
@@ -231,3 +232,98 @@ def check_pages(widths, heights, mode: Mode) -> None:
 def check_page(width: int, height: int, mode: Mode) -> None:
     check_size(width, height)
     check_pages([width], [height], mode)
+
+
+# ---- valid tokens and the compression ratio (SPEC section 3) -------------------------------
+#
+# The vendor's `infer(..., test_compress=True)` bookkeeping. A padded global view counts its
+# feature tokens times the page's share of the padded square, r = 1 - (max - min) / max of the
+# ORIGINAL page, truncated by `int()`; a stretched native view (tiny, small) counts them all;
+# crop mode then adds 100 per crop, but only when image_size == 640 (a hard-coded tile, so the
+# Gundam-M variant's 1024 crops add nothing). P is the number of crops that actually run: the
+# vendor adds `len(images_crop_list) * 100` and that list is empty for a page within 640x640
+# (grid reported [1, 1], no crop runs), so such a page counts the global view only.
+# The paper's Equation 1 writes ceil where the code truncates: reported beside it, by name.
+
+VALID_TOKENS = "valid_tokens"                  # the vendor's printout: int(features * r)
+VALID_TOKENS_PAPER_CEIL = "valid_tokens_paper_ceil"  # the paper's Equation 1: ceil(features * r)
+# base_size -> feature tokens scaled by r (the padded views: base, large, and crop mode's global view)
+VALID_SCALED_FEATURES = {1024: 256, 1280: 400}
+# base_size -> tokens counted whole (native modes whose view is the image stretched, no padding)
+VALID_NATIVE_CONSTANT = {640: 100, 512: 64}
+VALID_PER_CROP = 100                           # per crop run, only when image_size == VALID_CROP_TILE
+VALID_CROP_TILE = 640
+
+
+class ValidTokens(NamedTuple):
+    """Valid-token counts of many pages (int64 arrays)."""
+    vendor: np.ndarray        # int(): truncation, what the vendor prints
+    paper_ceil: np.ndarray    # ceil(): the paper's Equation 1
+
+
+def unpadded_share(widths, heights) -> np.ndarray:
+    """r = 1 - (max(W,H) - min(W,H)) / max(W,H), as the vendor's Python float expression computes it.
+
+    The same IEEE operations: an exact integer difference, one division of two integers (numpy
+    converts both to float64 first, exact below 2^53, so the quotient is Python's correctly rounded
+    int / int), then 1.0 minus it. Not simplified to min/max: that rounds differently on some pages.
+    """
+    w = np.asarray(widths, dtype=np.int64)
+    h = np.asarray(heights, dtype=np.int64)
+    big, small = np.maximum(w, h), np.minimum(w, h)
+    return 1.0 - (big - small) / big
+
+
+def valid_tokens_for(widths, heights, num_crops, mode: Mode) -> ValidTokens:
+    """The vendor's valid-token rule for arrays of original page sizes and the crops each runs.
+
+    `num_crops`: crops actually run (0 for a page within 640x640 in crop mode, and in native modes).
+    A base_size the rule does not name (no released mode has one) is refused rather than counted 0.
+    """
+    w = np.asarray(widths, dtype=np.int64).ravel()
+    h = np.asarray(heights, dtype=np.int64).ravel()
+    crops = np.broadcast_to(np.asarray(num_crops, dtype=np.int64).ravel(), w.shape)
+    check_pages(w, h, mode)
+    if mode.base_size in VALID_SCALED_FEATURES:
+        scaled = VALID_SCALED_FEATURES[mode.base_size] * unpadded_share(w, h)  # int * float, as in Python
+        vendor = np.trunc(scaled).astype(np.int64)     # int(x): toward zero
+        paper = np.ceil(scaled).astype(np.int64)
+    elif not mode.crop_mode and mode.base_size in VALID_NATIVE_CONSTANT:
+        vendor = paper = np.full(w.shape, VALID_NATIVE_CONSTANT[mode.base_size], dtype=np.int64)
+    else:
+        known = sorted(VALID_SCALED_FEATURES) if mode.crop_mode else sorted({**VALID_SCALED_FEATURES,
+                                                                             **VALID_NATIVE_CONSTANT})
+        raise ValueError(f"the vendor's valid-token rule has no case for mode {mode.name!r} with base_size "
+                         f"{mode.base_size} (it names {', '.join(map(str, known))})")
+    if mode.crop_mode and mode.image_size == VALID_CROP_TILE:
+        vendor = vendor + VALID_PER_CROP * crops
+        paper = paper + VALID_PER_CROP * crops
+    return ValidTokens(vendor, paper)
+
+
+def valid_tokens(layout: Layout, mode: Mode) -> dict[str, int]:
+    """Both valid-token counts of one page (the vectorised rule on one element)."""
+    v = valid_tokens_for([layout.width], [layout.height], [layout.num_crops], mode)
+    return {VALID_TOKENS: int(v.vendor[0]), VALID_TOKENS_PAPER_CEIL: int(v.paper_ceil[0])}
+
+
+def check_output_text_tokens(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"output_text_tokens must be an integer >= 0, got {n!r}")
+    return int(n)
+
+
+def compression_ratios(output_text_tokens: int, valid) -> np.ndarray:
+    """output text tokens / valid tokens per page (float64; NaN where a page has no valid tokens).
+
+    int64 / int64 in numpy divides the float64 conversions: Python's int / int below 2^53.
+    """
+    n = check_output_text_tokens(output_text_tokens)
+    valid = np.asarray(valid, dtype=np.int64)
+    return np.where(valid > 0, n / np.maximum(valid, 1), np.nan)
+
+
+def compression_ratio(output_text_tokens: int, valid: int) -> float | None:
+    """The vendor's compression ratio of one page; None when it has no valid tokens (a sliver in base/large)."""
+    r = float(compression_ratios(output_text_tokens, [valid])[0])
+    return None if math.isnan(r) else r
