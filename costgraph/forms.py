@@ -290,7 +290,7 @@ class AlignedRule:
         step = int(m) * self.unit_value
         released = f"; holds for {self.released(step, sizes)}" if self.released else ""
         a = Assumption(f"aligned-{m}",
-                       f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the grid S/{self.unit.name} "
+                       f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the {self.unit.name.split('_')[0]} grid S/{self.unit.name} "
                        f"is a multiple of {render.plain(m)} and its floors/ceilings are exact (with {self.unit.name} "
                        f"{self.unit_value}: multiples of {step} px{released})",
                        rf"{texnames} \in {render.latex(m * self.unit, self.latex_names)}\,\mathbb{{N}}")

@@ -277,7 +277,7 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
         out = {"derived": derived, **out}
     if hardware:
         fixed = {**model.mode_values(mode), **dv}
-        times = roofline(model, mode, fixed, _names(point.values), hardware, variants, top)
+        times = roofline(model, mode, fixed, point.values, hardware, variants, top)
         peak = max((p["bytes"] for p in stage_peaks.values()), default=0)
         out["roofline"] = {hw.name: {"hardware": hw.as_dict(), "stages": times[hw.name],
                                      "fit": memory_fit(hw, summary["resident_weight_bytes"],

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import sympy as sp
 
+from costgraph.symbols import name_indicator
 from . import symbols as S
 from .config import MAX_CROPS, MIN_CROPS, NO_CROP_THRESHOLD, VISION, Mode
 
@@ -159,8 +160,10 @@ def num_queries(side, patch=S.patch_size, ratio=S.downsample_ratio):
 
 
 def crops_run(w=S.w_crop, h=S.h_crop):
-    """Indicator that the crop branch runs: the layout [1, 1] (never chosen when tiling) means no crops."""
-    return sp.Piecewise((0, sp.Eq(w * h, 1)), (1, True))
+    """Indicator that the crop branch runs: the layout [1, 1] (never chosen when tiling) means no crops.
+    Named for closed forms: one factor 1[w h > 1] of the crop terms."""
+    return name_indicator(sp.Piecewise((0, sp.Eq(w * h, 1)), (1, True)), "crops_run",
+                          r"\mathbb{1}[w_{\mathrm{crop}} h_{\mathrm{crop}} > 1]")
 
 
 def image_tokens(mode: Mode | None = None, w=S.w_crop, h=S.h_crop) -> dict:
