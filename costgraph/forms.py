@@ -26,7 +26,9 @@ from functools import lru_cache
 
 import sympy as sp
 
-from . import render
+from . import render, stages
+from .dtypes import DEFAULT_STORAGE, storage_values
+from .stages import over_max
 from . import symbols as S
 
 FORMS = ("general", "simplified", "coefficients")
@@ -72,21 +74,28 @@ class Form:
         return [s for s in self.term_symbols if self.expr.has(s)]
 
     @property
-    def is_polynomial(self) -> bool:
-        """A polynomial in the layout and sequence symbols, with no floor, ceiling or case left in them."""
-        gens = self.gens
-        if not gens:  # a constant in the layout and sequence (floors of the sizes may remain)
-            return True
-        return not self.expr.has(sp.Piecewise) and bool(self.expr.is_polynomial(*gens))
+    def pieces(self) -> list[sp.Expr]:
+        """The candidates of a peak (the form is their max), or the form itself."""
+        return list(self.expr.args) if isinstance(self.expr, sp.Max) else [self.expr]
 
-    def terms(self) -> list[Term]:
+    @property
+    def is_polynomial(self) -> bool:
+        """Each piece a polynomial in the term symbols, with no floor, ceiling or case left in them."""
+        for e in self.pieces:
+            gens = [s for s in self.term_symbols if e.has(s)]
+            if gens and (e.has(sp.Piecewise, sp.Max) or not e.is_polynomial(*gens)):
+                return False
+        return True
+
+    def terms(self, piece: sp.Expr | None = None) -> list[Term]:
         if not self.is_polynomial:
             raise ValueError(f"the {self.kind} form of {self.metric}[{self.scope}] is not a polynomial "
                              f"in {', '.join(s.name for s in self.gens)}")
-        gens = self.gens
+        expr = self.expr if piece is None else piece
+        gens = [s for s in self.term_symbols if expr.has(s)]
         if not gens:
-            return [Term(sp.Integer(1), sp.sympify(self.expr), "constant")]
-        poly = sp.Poly(sp.expand(self.expr), *gens)
+            return [Term(sp.Integer(1), sp.sympify(expr), "constant")]
+        poly = sp.Poly(sp.expand(expr), *gens)
         out = []
         for powers, coeff in poly.terms():
             mono = sp.Mul(*(g ** k for g, k in zip(gens, powers)))
@@ -104,6 +113,13 @@ class Form:
         cond = rf"\qquad \text{{for }} {cond}" if cond else ""
         if self.kind == "general":
             return f"{self.lhs_latex()} = {render.latex(self._closed(), self.names)}"
+        if len(self.pieces) > 1:
+            # a peak: the max of its candidates, one per line
+            rows = [render.latex_sum(render.latex_terms([(t.monomial, t.coefficient) for t in self.terms(p)],
+                                                        self.term_symbols, self.names)) for p in self.pieces]
+            lines = [rf"{self.lhs_latex()} = \max\bigl(&{rows[0]},"] + [rf"&{r}," for r in rows[1:-1]] + \
+                [rf"&{rows[-1]}\bigr)"] + ([rf"&{cond}"] if cond else [])
+            return "\\begin{aligned}\n" + " \\\\\n".join(lines) + "\n\\end{aligned}"
         terms = self.terms()
         parts = render.latex_terms([(t.monomial, t.coefficient) for t in terms], self.term_symbols, self.names)
         if self.kind == "simplified":
@@ -123,6 +139,16 @@ class Form:
         lhs = f"{self.metric}[{self.scope}]{mode}"
         if self.kind == "general":
             return f"{lhs} = {render.plain(self._closed())}"
+        if len(self.pieces) > 1:
+            if self.kind == "simplified":
+                body = ",\n    ".join(render.plain_terms([(t.monomial, t.coefficient) for t in self.terms(p)],
+                                                          self.term_symbols) for p in self.pieces)
+                return f"{lhs} = max(\n    {body}\n)"
+            rows = [[f"candidate {k}", t.name, render.monomial_plain(t.monomial, self.term_symbols),
+                     render.plain(t.coefficient), _approx(t.coefficient)]
+                    for k, p in enumerate(self.pieces, 1) for t in self.terms(p)]
+            return f"{lhs} = the max of {len(self.pieces)} candidates, collected by term:\n" + \
+                render.table(rows, ["candidate", "term", "monomial", "coefficient", "approx"])
         terms = self.terms()
         if self.kind == "simplified":
             return f"{lhs} = {render.plain_terms([(t.monomial, t.coefficient) for t in terms], self.term_symbols)}"
@@ -148,8 +174,12 @@ class Form:
                "otherwise": [{"case": c, "expression": render.plain(v)} for c, v in self.otherwise],
                "notes": list(self.notes)}
         if self.kind != "general":
-            out["terms"] = [{"term": t.name, "monomial": render.monomial_plain(t.monomial, self.term_symbols),
-                             "coefficient": render.plain(t.coefficient)} for t in self.terms()]
+            terms = lambda p: [{"term": t.name, "monomial": render.monomial_plain(t.monomial, self.term_symbols),
+                                "coefficient": render.plain(t.coefficient)} for t in self.terms(p)]
+            if len(self.pieces) > 1:
+                out["max_of"] = [terms(p) for p in self.pieces]
+            else:
+                out["terms"] = terms(None)
         return out
 
 
@@ -172,7 +202,7 @@ def _tex(name: str) -> str:
 
 def term_name(powers: dict, term_symbols=(), term_groups=()) -> str:
     """'constant', 'per tile' (a named product w*h), 'per tile row' (h), 'per tile^2 x text token', ..."""
-    from .symbols import SYMBOLS
+
 
     p = {s: int(k) for s, k in powers.items() if k}
     if not p:
@@ -186,7 +216,7 @@ def term_name(powers: dict, term_symbols=(), term_groups=()) -> str:
                 p[s] -= n
     for s in term_symbols:
         if p.get(s):
-            info = SYMBOLS.get(s.name)
+            info = S.SYMBOLS.get(s.name)
             parts.append((info.term if info is not None and info.term else s.name) + (f"^{p[s]}" if p[s] > 1 else ""))
     return "per " + " x ".join(parts)
 
@@ -220,13 +250,15 @@ class IndicatorRule:
     def apply(self, expr: sp.Expr, multiple=None):
         if not expr.has(self.indicator):
             return expr, None, ()
-        other = expr
-        for old, new in self.case_values:
-            other = other.subs(old, new)
-        return self.assume(expr), self.assumption, ((self.case, sp.expand(other)),)
+
+        def case(e):
+            for old, new in self.case_values:
+                e = e.subs(old, new)
+            return sp.expand(e)
+        return self.assume(expr), self.assumption, ((self.case, over_max(expr, case)),)
 
     def assume(self, expr: sp.Expr) -> sp.Expr:
-        return expr.subs(self.indicator, 1)
+        return over_max(expr, lambda e: e.subs(self.indicator, 1))
 
 
 @dataclass(frozen=True)
@@ -249,7 +281,7 @@ class BoundRule:
         return self.assume(expr), a, ()
 
     def assume(self, expr: sp.Expr) -> sp.Expr:
-        return expr.subs({m: next(x for x in m.args if x.is_Number) for m in self._bounds(expr)})
+        return over_max(expr, lambda e: e.subs({m: next(x for x in m.args if x.is_Number) for m in self._bounds(e)}))
 
 
 @dataclass(frozen=True)
@@ -299,36 +331,43 @@ class AlignedRule:
     def _aligned(self, expr, m):
         sizes = [s for s in self.sizes if expr.has(s)]
         ks = {s: sp.Dummy(f"k_{s.name}", integer=True, positive=True) for s in sizes}
-        e = expr.subs({s: m * self.unit * k for s, k in ks.items()})
-        return e.subs({k: s / (m * self.unit) for s, k in ks.items()})
+        return over_max(expr, lambda e: e.subs({s: m * self.unit * k for s, k in ks.items()})
+                        .subs({k: s / (m * self.unit) for s, k in ks.items()}))
 
 
 # ---- the forms ------------------------------------------------------------------
 
 def build(model, kind: str, mode_name: str | None, scope: str, metric: str, grid_multiple: int | None = None,
-          variants=None) -> Form:
+          variants=None, dtype: str = DEFAULT_STORAGE) -> Form:
     """One form of a metric over a scope of `model` (costgraph.model.Model): a Cost field or a
-    derived metric (costgraph.stages.DERIVED). The same assumption pipeline for all of them."""
-    from . import stages
+    derived metric (costgraph.stages.DERIVED). The same assumption pipeline for all of them.
 
+    The storage dtype is substituted: a 0/1 "does this cast copy" factor is exact only on the
+    storage dtypes there are, so a form symbolic in the element size would carry interpolation
+    terms (b^2) no paper can print; one form per dtype instead (`--dtype all`)."""
     if kind not in FORMS:
         raise ValueError(f"unknown form {kind!r} (choose from {', '.join(FORMS)})")
     mode = model.get_mode(mode_name) if mode_name else None
     variants = model.variants() if variants is None else variants
-    return _build(model, kind, mode, scope, metric, grid_multiple, variants)
+    storage_values(dtype)  # validates
+    return _build(model, kind, mode, scope, metric, grid_multiple, variants, dtype)
 
 
 @lru_cache(maxsize=None)
-def _build(model, kind, mode, scope, metric, grid_multiple, variants) -> Form:
-    from . import stages
-
+def _build(model, kind, mode, scope, metric, grid_multiple, variants, dtype) -> Form:
     expr = stages.metric_expr(model, mode, scope, metric, variants)
     notes = tuple(n for n in (model.metric_note(metric),) if n)
+    if expr.has(S.dtype_bytes):
+        b = storage_values(dtype)
+        expr = over_max(expr, lambda e: e.subs(b))
+        notes += (f"storage dtype {dtype}: {S.dtype_bytes.name} = {b[S.dtype_bytes]} bytes per element "
+                  f"(--dtype for another).",)
     common = dict(term_symbols=tuple(model.term_symbols), term_groups=tuple(model.term_groups.items()),
                   latex_names=tuple(model.latex_names.items()))
     name = mode.name if mode is not None else None
     if kind == "general":
         return Form(kind, metric, scope, name, expr, notes=notes, **common)
+    expr = over_max(expr, lambda e: sp.expand(e)) if expr.has(sp.Max) else expr
     if kind == "coefficients" and mode is None:
         raise ValueError("the coefficients form needs a mode (--mode): its coefficients are numbers")
     if grid_multiple is not None and mode is not None:
@@ -346,5 +385,43 @@ def _build(model, kind, mode, scope, metric, grid_multiple, variants) -> Form:
             otherwise = tuple((case, rule.assume(v)) for case, v in otherwise) + tuple(extra)
         expr = new
         assumptions.append(assumption)
-    expr = expr.doit() if expr.has(sp.Max) else sp.expand(expr.doit())
+    expr = over_max(expr, lambda e: sp.expand(e.doit()))
+    if expr.has(sp.Max):
+        expr = _max_of_undominated(expr, model.term_symbols)
+        otherwise = tuple((case, _max_of_undominated(v, model.term_symbols) if v.has(sp.Max) else v)
+                          for case, v in otherwise)
     return Form(kind, metric, scope, name, expr, tuple(assumptions), otherwise, notes, **common)
+
+
+def _leaves(expr: sp.Expr) -> list[sp.Expr]:
+    """The candidates of a (nested) max, a non-negative factor distributed over them."""
+    if isinstance(expr, sp.Max):
+        return [x for a in expr.args for x in _leaves(a)]
+    if isinstance(expr, sp.Mul) and expr.has(sp.Max):
+        inner = [a for a in expr.args if a.has(sp.Max)]
+        factor = sp.Mul(*[a for a in expr.args if not a.has(sp.Max)])
+        if len(inner) == 1 and factor.is_nonnegative is not False:
+            return [sp.expand(factor * x) for x in _leaves(inner[0])]
+    return [expr]
+
+
+def _dominates(a: sp.Expr, b: sp.Expr, gens) -> bool:
+    """a >= b for every value of the (positive) term symbols: every coefficient of a - b is >= 0."""
+    d = sp.expand(a - b)
+    used = [g for g in gens if d.has(g)]
+    if not used:
+        return bool(d.is_nonnegative)
+    try:
+        coeffs = sp.Poly(d, *used).coeffs()
+    except sp.PolynomialError:
+        return False
+    return all(c.is_nonnegative for c in coeffs)
+
+
+def _max_of_undominated(expr: sp.Expr, gens) -> sp.Expr:
+    """A peak as the max of the candidates no other candidate dominates (their max is the same)."""
+    leaves = list(dict.fromkeys(_leaves(expr)))
+    keep = [a for i, a in enumerate(leaves)
+            if not any(j != i and _dominates(b, a, gens) and (not _dominates(a, b, gens) or j < i)
+                       for j, b in enumerate(leaves))]
+    return keep[0] if len(keep) == 1 else sp.Max(*keep, evaluate=False)

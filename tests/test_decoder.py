@@ -4,7 +4,7 @@ import pytest
 import sympy as sp
 import torch
 
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import substitute
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr.config import LM, MODES, LMConfig

@@ -5,7 +5,7 @@ import pytest
 import sympy as sp
 import torch
 
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.ops import prod
 from graphs.deepseek_ocr import assembly as model

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
 
-from costgraph import forms, symbols as S  # noqa: E402
+from costgraph import forms  # noqa: E402
+from graphs.deepseek_ocr import symbols as S  # noqa: E402
 from costgraph.app.cli import main  # noqa: E402
 from costgraph.cost import METRICS  # noqa: E402
 from costgraph.evaluate import Compiled, substitute  # noqa: E402

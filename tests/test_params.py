@@ -5,7 +5,7 @@ import sympy as sp
 import torch
 
 from costgraph import params as P
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr.config import LM, LMConfig, VISION
 from graphs.deepseek_ocr.decoder import decoder_graph

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from costgraph import sweep as SW
-from costgraph import tables
-from costgraph.cli import main
-from graphs.config import MODES, Mode
-from graphs.layout import (compression_ratio, layout_for, layout_for_grid, layouts_for, padded_size, valid_tokens,
+from costgraph.app import sweep as SW
+from costgraph.app import tables
+from costgraph.app.cli import main
+from graphs.deepseek_ocr.config import MODES, Mode
+from graphs.deepseek_ocr.layout import (compression_ratio, layout_for, layout_for_grid, layouts_for, padded_size, valid_tokens,
                            valid_tokens_for)
 
 GUNDAM, GUNDAM_M = MODES["gundam"], MODES["gundam-m"]
@@ -199,7 +199,8 @@ def test_cost_carries_valid_tokens_and_ratio(capsys):
 def test_table_columns(capsys):
     rows = tables.build_rows([("tiny", None), ("large", None), ("gundam", (2, 3))], metrics=("flops",),
                              output_text_tokens=1540)
-    assert [(r.valid_tokens, r.valid_tokens_paper_ceil, r.compression_ratio) for r in rows] == \
+    cells = [{k: v for k, _, v in r.cells} for r in rows]
+    assert [(c["valid_tokens"], c["valid_tokens_paper_ceil"], c["compression_ratio"]) for c in cells] == \
         [(64, 64, 1540 / 64), (400, 400, 3.85), (770, 771, 2.0)]
     code, out, _ = run(capsys, "table", "--rows", "base,gundam:2x3", "--metric", "flops", "--format", "csv",
                        "--output-text-tokens", "1540")

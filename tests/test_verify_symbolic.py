@@ -1,7 +1,7 @@
 """Symbolic cross-check: torch's own sympy FLOPs for a symbolic crop batch equal the graph's expression."""
 import sympy as sp
 
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from verify.symbolic import crop_branch_check, to_sympy
 
 

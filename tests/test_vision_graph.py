@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import Compiled, substitute
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr.config import MODES

@@ -13,6 +13,7 @@ import sys
 
 from costgraph import forms, stages
 from costgraph.cost import METRICS
+from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
 from . import bench, sweep, tables, verify_cmd
@@ -122,13 +123,21 @@ def cmd_formula(args) -> int:
     scope = args.scope or scopes[0]
     if scope not in scopes:
         raise UserError(f"unknown scope {scope!r} (choose from {', '.join(scopes)})")
-    form = forms.build(model, args.form, mode.name if mode else None, scope, args.metric, args.grid_multiple,
-                       variants)
+    dtypes = list(STORAGE) if args.dtype == "all" else [args.dtype]
+    built = [forms.build(model, args.form, mode.name if mode else None, scope, args.metric, args.grid_multiple,
+                         variants, d) for d in dtypes]
+    if len(built) > 1 and built[0].expr == built[1].expr:  # no element size in this metric
+        built, dtypes = built[:1], dtypes[:1]
+    records = [{**f.to_json(), "dtype": d, "variants": variants.as_dict(), "note": " ".join(f.notes)}
+               for f, d in zip(built, dtypes)]
     if args.json:
-        print(json.dumps({**form.to_json(), "variants": variants.as_dict(), "note": " ".join(form.notes)}, indent=1))
-    else:
+        print(json.dumps(records[0] if args.dtype != "all" else records, indent=1))
+        return 0
+    c = "%" if args.latex else "#"
+    for k, (form, d) in enumerate(zip(built, dtypes)):
+        if len(built) > 1:
+            print(("\n" if k else "") + f"{c} storage dtype {d}")
         print(form.latex() if args.latex else form.plain())
-        c = "%" if args.latex else "#"
         print(f"{c} form: {form.kind}")
         for line in form.commentary():
             print(f"{c} {line}")
@@ -206,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grid-multiple", type=int, default=None, metavar="M",
                    help="simplified, symbolic sizes: assume sizes are multiples of M*patch_size (default: the "
                         "smallest M that removes every floor/ceiling; 4 keeps the window ceilings)")
+    q.add_argument("--dtype", choices=list(STORAGE) + ["all"], default=DEFAULT_STORAGE,
+                   help="storage dtype substituted in byte metrics, or all: one form per dtype (default: %(default)s)")
     q.add_argument("--latex", action="store_true")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_formula)

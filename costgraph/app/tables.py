@@ -81,6 +81,10 @@ def _scale_note(scale_name: str) -> str:
 
 
 def _text(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
@@ -89,7 +93,7 @@ def markdown(rows: list[Row], metrics=METRICS, scale: str = "G", context: str = 
     blocks = []
     for m in metrics:
         head = ["mode"] + [label for _, label, _ in rows[0].cells] + scopes
-        left = 1 + sum(not isinstance(v, int) for _, _, v in rows[0].cells)
+        left = 1 + sum(isinstance(v, str) for _, _, v in rows[0].cells)
         lines = [f"**{m}{_scale_note(scale)} per page**" + (f" ({context})" if context else ""), "",
                  "| " + " | ".join(head) + " |",
                  "|" + "|".join(["---"] * left + ["---:"] * (len(head) - left)) + "|"]
@@ -124,6 +128,8 @@ def _tex_number(v: int, scale: int) -> str:
 
 
 def _tex_cell(v) -> str:
+    if v is None or isinstance(v, float):
+        return _text(v).replace("-", "--")
     if isinstance(v, int):
         return f"{v:,}".replace(",", "{,}")
     v = str(v)
@@ -141,7 +147,7 @@ def latex(rows: list[Row], metrics=METRICS, scale: str = "G", context: str = "",
     unit = "" if scale == "1" else rf" ($10^{{{len(str(k)) - 1}}}$)"
     blocks = []
     for m in metrics:
-        kinds = ["l" if not isinstance(v, int) else "r" for _, _, v in rows[0].cells]
+        kinds = ["l" if isinstance(v, str) else "r" for _, _, v in rows[0].cells]
         cols = "l" + "".join(kinds) + "r" * len(scopes)
         head = ["Mode"] + [_tex_label(label) for _, label, _ in rows[0].cells] + \
             [r"\texttt{" + _tex(s) + "}" for s in scopes]

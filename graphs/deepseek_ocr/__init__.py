@@ -143,7 +143,7 @@ class DeepSeekOCR(Model):
                 ("views", "views (count x side px)", views), ("image_tokens", "image tokens", r["image_tokens"]),
                 ("paper_tokens", "paper count", r["paper_tokens"]), ("valid_tokens", "valid tokens", r["valid_tokens"]),
                 ("valid_tokens_paper_ceil", "valid (paper ceil)", r["valid_tokens_paper_ceil"])] + \
-            ([("compression_ratio", "compression", _ratio_text(r["compression_ratio"]))]
+            ([("compression_ratio", "compression", r["compression_ratio"])]
              if "compression_ratio" in r else [])
 
     def point_exprs(self, mode):
