@@ -35,12 +35,12 @@ made every MoE expert re-read all of the hidden states for its few routed rows. 
 the output's element count at the source's element size: it depends on shapes only (meta
 tensors and symbolic shapes give it), whatever the index values. Repeats count because each is
 a load the kernel issues (caches are not modelled anywhere in these conventions), so a gather
-can read more than its source: SAM's rel-pos lookups take s x s rows of a (2s - 1)-row table.
+can read more than its source: a relative-position lookup takes s x s rows of a (2s - 1)-row table.
 Boolean-mask indexing (`x[mask]`: aten.index with a bool or uint8 index) follows the same rule
 with the mask as the index: the mask is read whole (the kernel scans every element) and each
 selected element is one element read; the selected count depends on the data (it is the
 output's size, which a real run has and meta tensors cannot give), so no graph formula models
-one: DeepSeek-OCR runs none (its image-slot mask goes to masked_scatter_, which reads all its
+one (a model that scatters into masked slots uses masked_scatter_, which reads all its
 arguments). Writes are unchanged: the output.
 """
 from __future__ import annotations

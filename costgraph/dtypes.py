@@ -19,6 +19,14 @@ BYTES: dict[str, int] = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "flo
                          "bool": 1}
 
 
+def torch_dtype(name: str):
+    """The torch dtype of a storage dtype name (torch is imported only when a reference runs)."""
+    import torch
+
+    storage_values(name)
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def storage_values(dtype: str = DEFAULT_STORAGE) -> dict:
     """The substitution of the storage dtype: {dtype_bytes: 2} for bf16."""
     if dtype not in STORAGE:

@@ -92,7 +92,7 @@ class CostGraph:
     def nodes(self, scope: str | None = None) -> list[str]:
         if scope is None:
             return list(self.g.nodes)
-        return [n for n in self.g.nodes if _within(self.g.nodes[n]["scope"], scope)]
+        return [n for n in self.g.nodes if within(self.g.nodes[n]["scope"], scope)]
 
     def cost(self, node: str) -> Cost:
         """Cost of one execution of the node (one view, one decode step at index t)."""
@@ -190,7 +190,8 @@ def _sum(costs: list[Cost]) -> Cost:
     return Cost(**{m: sp.Add(*[getattr(c, m) for c in costs]) for m in METRICS})
 
 
-def _within(scope: str, prefix: str) -> bool:
+def within(scope: str, prefix: str) -> bool:
+    """`scope` is `prefix` or a scope under it (encoder.layers is within encoder)."""
     return scope == prefix or scope.startswith(prefix + ".")
 
 

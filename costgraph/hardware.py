@@ -107,10 +107,8 @@ def calibrate(dtype: str = "bf16", samples: int = 7, matmul_n: int = 2048, copy_
 
     import torch
 
-    from .dtypes import storage_values
-
-    storage_values(dtype)  # validates
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    from .dtypes import torch_dtype as _torch_dtype
+    torch_dtype = _torch_dtype(dtype)
     threads = torch.get_num_threads()
     with torch.no_grad():
         n = matmul_n

@@ -163,7 +163,7 @@ class Model:
 
     def grid_columns(self, mode, grids=None, max_num=None, **options):
         """Grids -> (columns, {point symbol name: array}, (baseline point arrays, baseline record) or None,
-        params) for a sweep; the baseline is a case reported beside the grids (DeepSeek-OCR's no-crop 1x1)."""
+        params) for a sweep; the baseline is a case reported beside the grids (e.g. a layout that runs no tiles)."""
         raise ValueError(f"{self.name} has no grids to sweep")
 
     def unrunnable(self, columns, sequence):

@@ -28,6 +28,7 @@ import sympy as sp
 from . import conventions as C
 from . import symbols as S
 from .cost import Cost
+from .dtypes import BOOL, BYTES as DTYPE_BYTES, FLOAT32, INT64, STORAGE
 
 
 class Spec(tuple):
@@ -47,7 +48,6 @@ class Spec(tuple):
 
 Shape = tuple  # of sympy expressions (or ints); op formulas receive `Spec`s
 
-from .dtypes import BYTES as DTYPE_BYTES, FLOAT32, INT64, STORAGE  # noqa: E402  (fixed element sizes)
 
 
 def itemsize(x) -> sp.Expr:
@@ -68,8 +68,11 @@ OPS: dict[str, OpFormula] = {}
 
 
 def register(*kinds: str):
+    """Register a formula for op kinds; a kind registered twice raises (one formula per kind)."""
     def deco(fn: OpFormula) -> OpFormula:
         for k in kinds:
+            if k in OPS:
+                raise ValueError(f"op kind {k!r} is already registered ({OPS[k].__name__})")
             OPS[k] = fn
         return fn
     return deco
@@ -309,25 +312,13 @@ def interpolate(x: Shape, *, mode: str, size: Shape, antialias: bool = False, ou
     return out, Cost(elementwise_flops=_ew(aten_op, out, x), activation_bytes=nbytes(out), **moved([x], [out]))
 
 
-def differs(a, b) -> sp.Expr:
-    """1 where two element sizes differ, else 0. Between the storage dtype and fp32 it is the
-    polynomial (4 - dtype_bytes) / 2, exact on the storage dtypes there are (graphs.config.DTYPES:
-    bf16 2, fp32 4), so closed forms stay polynomials; otherwise a Piecewise."""
-    a, b = sp.sympify(a), sp.sympify(b)
-    if a.is_number and b.is_number:
-        return sp.Integer(int(a != b))
-    if {a, b} == {S.dtype_bytes, sp.Integer(FLOAT32)}:
-        return (FLOAT32 - S.dtype_bytes) / 2
-    return sp.Piecewise((0, sp.Eq(a, b)), (1, True))
-
-
 @register("cast")
 def cast(x: Shape, *, out_itemsize=None, dtype=None):
     """`.to(dtype)`: a copy into the new element size; none at all when the size is unchanged
-    (torch returns the tensor itself): see `differs`."""
+    (torch returns the tensor itself): see `converts`."""
     size = sp.sympify(out_itemsize if out_itemsize is not None else DTYPE_BYTES.get(dtype, itemsize(x)))
     out = _out(tuple(x), size)
-    return out, Cost(activation_bytes=nbytes(out), **moved([x], [out])) * differs(itemsize(x), size)
+    return out, Cost(activation_bytes=nbytes(out), **moved([x], [out])) * converts(itemsize(x), size)
 
 
 @register("identity")
@@ -388,6 +379,339 @@ def index(table: Shape, idx: Shape):
     out = _out((*idx, *table[1:]), itemsize(table))
     read = C.gather_bytes_read(nbytes(idx), numel(out), itemsize(table))
     return out, Cost(activation_bytes=nbytes(out), bytes_read=read, bytes_written=nbytes(out))
+
+
+# ---- 0/1 indicators: costs that run only under a condition of the sizes -----------------------
+
+def indicator(cond) -> sp.Expr:
+    """1 where `cond` holds, else 0 (decided now when the sizes are numbers)."""
+    return sp.Piecewise((1, cond), (0, True))
+
+
+def more_than_one(n) -> sp.Expr:
+    return indicator(sp.Gt(n, 1))
+
+
+def unequal(a, b) -> sp.Expr:
+    return indicator(sp.Ne(sp.sympify(a), sp.sympify(b)))
+
+
+@register("rel_pos_coords")
+def rel_pos_coords(*, size):
+    """A relative-position index for q = k = size (a ViT's decomposed relative positions):
+    arange(size)[:, None] * 1.0 - arange(size)[None, :] * 1.0
+    + (size - 1) * 1.0, then `.long()`. Two int64 aranges, two multiplies by a Python float (to fp32,
+    torch's default float), the broadcast subtract, the scalar add, the cast to int64."""
+    s = sp.sympify(size)
+    ew = 2 * C.elementwise_flops("mul", s, s) + C.elementwise_flops("sub", s * s, s) \
+        + C.elementwise_flops("add", s * s, s * s)
+    #       aranges      muls (int64 in, fp32 out)     sub (two fp32 vectors)    add (scalar)    long
+    read = (0 + 2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s)
+    written = (2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s + INT64 * s * s)
+    return Spec((s, s), INT64), Cost(elementwise_flops=ew, bytes_read=read, bytes_written=written,
+                                     activation_bytes=INT64 * s * s)
+
+
+# ---- transformer language-model ops ----------------------------------------------------------
+#
+# Written from the aten ops `transformers`' decoder layers run (RMSNorm in fp32, RoPE tables, the eager
+# causal mask, an eager MoE experts loop), each under costgraph/conventions.py.
+
+
+def ew(op: str, elements) -> sp.Expr:
+    """Elementwise FLOPs of one aten op over `elements` (its output or input, as the table's basis says)."""
+    return C.FLOPS_PER_ELEMENT[op][0] * sp.sympify(elements)
+
+
+def converts(src, dst) -> sp.Expr:
+    """1 when `.to()` from element size `src` to `dst` copies, 0 when it returns its input unchanged.
+
+    With a symbolic size (the storage dtype `dtype_bytes`) the indicator [src != dst] is the
+    polynomial that interpolates it on the supported storage sizes (`costgraph.dtypes.STORAGE`: bf16 2,
+    fp32 4, so [b != 4] = 2 - b/2): exact on every dtype the model runs in, and closed forms stay
+    polynomials (a new storage dtype in DTYPES extends it).
+    """
+    src, dst = sp.sympify(src), sp.sympify(dst)
+    if src == dst:
+        return sp.Integer(0)
+    if src.is_number and dst.is_number:
+        return sp.Integer(1)
+    if not src.is_number and not dst.is_number:
+        raise ValueError(f"cannot decide whether a cast from {src} to {dst} bytes copies")
+    size, fixed = (src, dst) if dst.is_number else (dst, src)
+    points = [(v, 0 if v == fixed else 1) for v in sorted(set(STORAGE.values()))]
+    return sp.expand(sp.interpolate(points, size))
+
+
+def _cost(*, flops=0, ew=0, read=0, written=0, out=0) -> Cost:
+    x = lambda e: sp.expand(sp.sympify(e))
+    return Cost(flops=x(flops), elementwise_flops=x(ew), bytes_read=x(read), bytes_written=x(written),
+                activation_bytes=x(out))
+
+
+def _with_output(cost: Cost, nbytes_out) -> Cost:
+    """The node's cost with its output tensor's bytes as activation_bytes (intermediates die inside)."""
+    return Cost(**{**cost.as_dict(), "activation_bytes": sp.expand(sp.sympify(nbytes_out))})
+
+
+def _cast(n, src, dst) -> Cost:
+    """`.to()` of n elements: reads src bytes and writes dst bytes each, when it copies at all."""
+    k = converts(src, dst)
+    return _cost(read=k * n * src, written=k * n * dst, out=k * n * dst)
+
+
+@register("embedding")
+def embedding(ids, *, num_embeddings, embedding_dim, out_itemsize=S.dtype_bytes):
+    """aten.embedding: reads the ids and one table row per id (a gather: `C.gather_bytes_read`), not
+    the num_embeddings x embedding_dim table; writes the rows."""
+    out = (*ids, embedding_dim)
+    return out, _cost(read=C.gather_bytes_read(nbytes(ids), numel(out), out_itemsize),
+                      written=numel(out) * out_itemsize, out=numel(out) * out_itemsize)
+
+
+@register("masked_scatter_")
+def masked_scatter_(x, source):
+    """The image features written over the image slots' embeddings in place (the vendor's masked_scatter_):
+    reads the (tokens x 1) bool mask and the source, writes the embeddings."""
+    tokens = prod(x[:-1])
+    return tuple(x), _cost(read=tokens * BOOL + nbytes(source), written=nbytes(x))
+
+
+@register("position_ids")
+def position_ids(*, tokens):
+    """arange(T) + past length (int64)."""
+    n = sp.sympify(tokens)
+    return (1, n), _cost(ew=ew("add", n), read=INT64 * n, written=2 * INT64 * n, out=INT64 * n)
+
+
+@register("causal_mask")
+def causal_mask(pos, *, keys, out_itemsize=S.dtype_bytes):
+    """transformers' eager mask: batch and head aranges (1 each), q and kv aranges plus offsets,
+    `kv <= q` (bool, T x K), then `where(mask, 0, min)` into the model dtype."""
+    t, k, b = sp.sympify(pos[-1]), sp.sympify(keys), out_itemsize
+    pairs = t * k
+    cost = (_cost(written=2 * INT64)                                                  # two arange(1)
+            + _cost(ew=ew("add", t), read=INT64 * t, written=2 * INT64 * t)          # arange(T) + offset
+            + _cost(ew=ew("add", k), read=INT64 * k, written=2 * INT64 * k)          # arange(K) + offset
+            + _cost(ew=ew("le", pairs), read=INT64 * (t + k), written=BOOL * pairs)
+            + _cost(written=2 * b)                                                    # zeros(()), min scalar
+            + _cost(ew=ew("where", pairs), read=BOOL * pairs + 2 * b, written=b * pairs, out=b * pairs))
+    return (1, 1, t, k), cost
+
+
+@register("rope_tables")
+def rope_tables(pos, *, head_dim, matmul: bool, out_itemsize=S.dtype_bytes):
+    """cos and sin tables (stacked: 2 x T x head_dim) in fp32, cast to the model dtype.
+
+    positions to fp32; freqs = inv_freq @ positions (vendor, per layer: a bmm) or positions *
+    inv_freq (transformers 5.x, once: a multiply); cat(freqs, freqs); cos, sin; both times
+    attention_scaling; both cast.
+    """
+    t, pairs = sp.sympify(pos[-1]), sp.Integer(head_dim) / 2
+    n = t * head_dim
+    cost = _cost(read=INT64 * t, written=FLOAT32 * t)                                  # positions.float()
+    if matmul:
+        cost += _cost(flops=2 * pairs * t, read=FLOAT32 * (pairs + t), written=FLOAT32 * pairs * t)
+    else:
+        cost += _cost(ew=ew("mul", pairs * t), read=FLOAT32 * (pairs + t), written=FLOAT32 * pairs * t)
+    cost += _cost(read=FLOAT32 * n, written=FLOAT32 * n)                                  # cat
+    for op in ("cos", "sin"):
+        cost += _cost(ew=ew(op, n) + ew("mul", n), read=2 * FLOAT32 * n, written=2 * FLOAT32 * n)
+        cost += _cast(n, FLOAT32, out_itemsize)
+    return (2, t, head_dim), _with_output(cost, 2 * n * out_itemsize)
+
+
+@register("rms_norm")
+def rms_norm(x, *, eps):
+    """x.to(fp32); pow 2; mean; + eps; rsqrt; x * rstd; .to(dtype); weight * x."""
+    rows, h = prod(x[:-1]), x[-1]
+    n, b = rows * h, itemsize(x)
+    cost = (_cast(n, b, FLOAT32)
+            + _cost(ew=ew("pow", n), read=FLOAT32 * n, written=FLOAT32 * n)
+            + _cost(ew=ew("mean", n), read=FLOAT32 * n, written=FLOAT32 * rows)
+            + _cost(ew=ew("add", rows) + ew("rsqrt", rows), read=2 * FLOAT32 * rows, written=2 * FLOAT32 * rows)
+            + _cost(ew=ew("mul", n), read=FLOAT32 * (n + rows), written=FLOAT32 * n)
+            + _cast(n, FLOAT32, b)
+            + _cost(ew=ew("mul", n), read=b * (h + n), written=b * n))
+    return tuple(x), _with_output(cost, b * n)
+
+
+@register("rope_apply")
+def rope_apply(x, tables):
+    """x * cos + rotate_half(x) * sin; rotate_half = cat(-x2, x1) of the halves (views)."""
+    n, b = numel(x), itemsize(x)
+    table = prod(tables[1:]) * itemsize(tables)          # one of cos / sin, broadcast over heads
+    half = n / 2
+    cost = (_cost(ew=ew("mul", n), read=n * b + table, written=n * b)
+            + _cost(ew=ew("neg", half), read=half * b, written=half * b)
+            + _cost(read=n * b, written=n * b)                                         # cat
+            + _cost(ew=ew("mul", n), read=n * b + table, written=n * b)
+            + _cost(ew=ew("add", n), read=2 * n * b, written=n * b, out=n * b))
+    return tuple(x), cost
+
+
+@register("cache_update")
+def cache_update(past, new):
+    """DynamicCache: cat(cache, new) along the sequence (the prefill's cache starts empty)."""
+    out = (*new[:-2], past[-2] + new[-2], new[-1])
+    return out, _cost(read=nbytes(past) + nbytes(new), written=nbytes(out), out=nbytes(out))
+
+
+@register("attention_scores")
+def attention_scores(q, k, *, causal):
+    """q k^T per head (a bmm): the score half of `ops.sdpa` (same causal rule)."""
+    *batch, lq, _ = q
+    _, cost = sdpa(q, k, (*k[:-1], 0), causal=causal)
+    out = (*batch, lq, k[-2])
+    b = itemsize(q)
+    return out, _cost(flops=cost.flops, read=nbytes(q) + nbytes(k), written=numel(out) * b, out=numel(out) * b)
+
+
+@register("attention_values")
+def attention_values(probs, v, *, causal):
+    """probabilities x values per head (a bmm): the other half of `ops.sdpa`."""
+    *batch, lq, lk = probs
+    _, cost = sdpa((*batch, lq, 0), v, v, causal=causal)
+    out = (*batch, lq, v[-1])
+    b = itemsize(v)
+    return out, _cost(flops=cost.flops, read=nbytes(probs) + nbytes(v), written=numel(out) * b,
+                      out=numel(out) * b)
+
+
+@register("scalar_mul")
+def scalar_mul(x):
+    """x * a Python scalar (attention scaling, routed_scaling_factor)."""
+    n, b = numel(x), itemsize(x)
+    return tuple(x), _cost(ew=ew("mul", n), read=n * b, written=n * b, out=n * b)
+
+
+@register("softmax_fp32")
+def softmax_fp32(x, *, out_itemsize=S.dtype_bytes):
+    """softmax(x, dtype=float32).to(out dtype): an upcast, softmax in fp32, a downcast (each only if needed)."""
+    n, b = numel(x), itemsize(x)
+    cost = (_cast(n, b, FLOAT32)
+            + _cost(ew=ew("_softmax", n), read=FLOAT32 * n, written=FLOAT32 * n)
+            + _cast(n, FLOAT32, out_itemsize))
+    return tuple(x), _with_output(cost, out_itemsize * n)
+
+
+@register("fused_attention")
+def fused_attention(q, k, v, *, causal):
+    """One attention kernel (flash): reads q, k, v, writes the output; scale and softmax on the
+    computed scores, no mask tensor. causal="none": a profiler blind to it (no FLOPs, no elementwise)."""
+    *batch, lq, e = q
+    out, cost = sdpa(q, k, v, causal="flash" if causal == "none" else causal)
+    pairs = cost.flops / (2 * prod(batch) * (e + v[-1]))     # scores computed per head batch
+    work = prod(batch) * pairs * (C.SDPA_SCALE + C.SDPA_SOFTMAX)
+    blind = causal == "none"
+    b = itemsize(q)
+    return tuple(out), _cost(flops=0 if blind else cost.flops, ew=0 if blind else work,
+                             read=nbytes(q) + nbytes(k) + nbytes(v), written=numel(out) * b, out=numel(out) * b)
+
+
+@register("heads_merge")
+def heads_merge(x, *, shape, copies: bool):
+    """`.transpose(1, 2).contiguous()` then a view: a copy unless the transpose is already contiguous."""
+    n, b = numel(x), itemsize(x)
+    return tuple(shape), (_cost(read=n * b, written=n * b, out=n * b) if copies else Cost())
+
+
+@register("router_topk")
+def router_topk(scores, *, k):
+    """topk(scores, k, sorted=False): fp32 weights and int64 indices (outputs: the weights' shape)."""
+    tokens = prod(scores[:-1])
+    out = (*scores[:-1], k)
+    w = tokens * k * (itemsize(scores) + INT64)
+    return out, _cost(ew=ew("topk", numel(scores)), read=nbytes(scores), written=w, out=w)
+
+
+@register("expert_mask")
+def expert_mask(top, *, experts, hits):
+    """one_hot(indices, experts + 1) (aminmax range check, two scalar reads, zeros, scatter_),
+    permute (a view), sum over (k, T), greater than 0, nonzero: the experts hit."""
+    tokens, k = prod(top[:-1]), top[-1]
+    slots, classes = tokens * k, experts + 1
+    mask = slots * classes * INT64
+    cost = (_cost(ew=ew("aminmax", slots), read=INT64 * slots, written=2 * INT64)
+            + _cost(read=2 * INT64)                                                      # two .item()
+            + _cost(written=mask)                                                        # zeros
+            + _cost(read=INT64 * slots, written=mask)                                    # scatter_
+            + _cost(ew=ew("sum", slots * classes), read=mask, written=INT64 * classes)
+            + _cost(ew=ew("gt", classes), read=INT64 * classes, written=BOOL * classes)
+            + _cost(read=BOOL * classes, written=INT64 * hits, out=mask + INT64 * hits))   # nonzero
+    return (classes, k, tokens), cost
+
+
+@register("expert_select")
+def expert_select(mask, *, rows, hits):
+    """Per expert hit: `expert_idx == num_experts` (eq), its bool read, `expert_mask[idx]`'s index
+    read, `torch.where(expert_mask[idx])` (nonzero over the k x T slice: (top_k_pos, token_idx)),
+    and the index reads of `gate_up_proj[idx]` and `down_proj[idx]`. `rows` (k per token) in all.
+    Indexing by the 0-d `idx` is no gather (`conventions.GATHERS`): torch reads the index as a scalar
+    (aten._local_scalar_dense, its 8 bytes) and selects a view, so no table or slice is read there."""
+    classes, k, tokens = mask
+    scalars = hits * (INT64 + BOOL + 3 * INT64)
+    cost = (_cost(ew=ew("eq", hits), read=scalars, written=BOOL * hits)
+            + _cost(read=hits * k * tokens * INT64, written=2 * INT64 * rows, out=2 * INT64 * rows))
+    return (2, rows), cost
+
+
+@register("expert_gather")
+def expert_gather(x, where, *, rows, width):
+    """x[token_idx] per expert hit (aten.index, a gather): reads its token_idx and the rows it takes,
+    writes them. Over all the experts hit, one index and one row of x per routed row."""
+    b = itemsize(x)
+    read = C.gather_bytes_read(rows * INT64, rows * width, b)
+    return (rows, width), _cost(read=read, written=rows * width * b, out=rows * width * b)
+
+
+@register("routed_linear")
+def routed_linear(x, *, in_features, out_features, hits):
+    """F.linear(rows of one expert, that expert's weight) per expert hit: each expert's weight read once.
+    (Node attrs `experts` / `active_experts`: the stored and per-token weight copies, for costgraph.params.)"""
+    rows = x[0]
+    b = itemsize(x)
+    out = (rows, out_features)
+    return out, _cost(flops=2 * rows * in_features * out_features,
+                      read=rows * in_features * b + hits * in_features * out_features * b,
+                      written=rows * out_features * b, out=rows * out_features * b)
+
+
+@register("promote_mul")
+def promote_mul(x, w):
+    """rows (model dtype) * their routing weights (fp32, one per row): the product is fp32."""
+    n = numel(x)
+    return tuple(x), _cost(ew=ew("mul", n), read=nbytes(x) + nbytes(w), written=FLOAT32 * n, out=FLOAT32 * n)
+
+
+@register("index_add_")
+def index_add_(acc, rows, where, *, hits):
+    """final.index_add_(0, token_idx, rows) per expert hit: reads the index and the rows, writes
+    all of `final` each time (in place: the output is `acc`)."""
+    r = rows[0]
+    return tuple(acc), _cost(ew=ew("index_add_", numel(rows)), read=r * INT64 + nbytes(rows),
+                             written=hits * nbytes(acc))
+
+
+@register("zeros_init")
+def zeros_init(x):
+    """torch.zeros_like(x): reads x by the footprint convention, writes zeros."""
+    return tuple(x), _cost(read=nbytes(x), written=nbytes(x), out=nbytes(x))
+
+
+@register("argmax_last")
+def argmax_last(logits):
+    """logits[:, -1].argmax(-1): greedy choice of the next token from the last position's row."""
+    row = logits[-1]
+    return (1, 1), _cost(ew=ew("argmax", row), read=row * itemsize(logits), written=INT64, out=INT64)
+
+
+@register("routed_gather")
+def routed_gather(weights, where, *, rows):
+    """top_k_weights[token_idx, top_k_pos, None] per expert hit (aten.index with two index tensors, a
+    gather): reads both indices and the one weight each routed row takes, writes them."""
+    b = itemsize(weights)
+    return (rows, 1), _cost(read=C.gather_bytes_read(2 * INT64 * rows, rows, b), written=rows * b, out=rows * b)
 
 
 def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]:

@@ -59,8 +59,11 @@ PARAMS: dict[str, WeightFormula] = {}
 
 
 def register(*kinds: str):
+    """Register a weight rule for op kinds; a kind registered twice raises."""
     def deco(fn: WeightFormula) -> WeightFormula:
         for k in kinds:
+            if k in PARAMS:
+                raise ValueError(f"weights of op kind {k!r} are already registered ({PARAMS[k].__name__})")
             PARAMS[k] = fn
         return fn
     return deco
@@ -116,6 +119,14 @@ def embedding(inputs, attrs, out_itemsize) -> Weights:
     dim = sp.sympify(attrs["embedding_dim"])
     # the table is in the output's dtype (the input holds integer ids); a token reads one row
     return Weights(attrs["num_embeddings"] * dim, _itemsize(inputs, attrs, out_itemsize), dim)
+
+
+@register("routed_linear")
+def routed_linear(inputs, attrs, out_itemsize) -> Weights:
+    """MoE routed experts: `experts` stored copies, `active_experts` of them per token."""
+    per = attrs["in_features"] * attrs["out_features"]
+    return Weights(sp.sympify(per * attrs["experts"]), inputs[0].itemsize,
+                     sp.sympify(per * attrs["active_experts"]))
 
 
 @register("input")

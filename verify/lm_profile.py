@@ -46,6 +46,7 @@ from functools import lru_cache
 import sympy as sp
 import torch
 
+from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph
@@ -480,8 +481,8 @@ def check_request(req: LMRequest) -> None:
     model_graph.sequence_values(req.text_tokens, req.decode_steps + 1)
 
 
-_DTYPE_BYTES = {torch.bfloat16: DTYPES["bf16"], torch.float32: DTYPES["fp32"]}
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {name: torch_dtype(name) for name in STORAGE}
+_DTYPE_BYTES = {TORCH_DTYPES[name]: n for name, n in STORAGE.items()}
 
 
 def verify_lm(req: LMRequest, scopes: tuple[str, ...] = (PREFILL, DECODE), image_features=None,

@@ -30,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import stages
 from graphs.deepseek_ocr import MODEL
 
@@ -185,7 +186,7 @@ def _predicted(mode, stage: str, values: dict, variants=None) -> dict:
     return p.at({k: names[k] for k in p.args})
 
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+DTYPE_NAMES = {torch_dtype(name): name for name in STORAGE}
 
 
 def vision_peaks(views, model=None) -> list[PeakRow]:
@@ -217,7 +218,7 @@ def lm_peaks(mode, layout, text_tokens: int, decode_steps: int, variants, model=
     from .lm_reference import build_language_model
 
     if model is None:
-        model = build_language_model(dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+        model = build_language_model(dtype=torch_dtype(dtype),
                                      attention="eager", rope=variants.rope)
     slots = tokens_for(layout, mode)["total"]
     rec = measure_lm(model, 1 + text_tokens + slots, slots, decode_steps, variants.lm_head, image_features)

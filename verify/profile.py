@@ -28,6 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from costgraph.graph import within
 from graphs.deepseek_ocr.config import Mode
 from graphs.deepseek_ocr.layout import Layout
 from .reference import build_deep_encoder
@@ -147,15 +148,11 @@ class Measured:
     uncounted: dict[Key, int] = field(default_factory=dict)
 
     def total(self, scope: str | None = None) -> int:
-        return sum(n for k, n in self.records.items() if scope is None or _within(k[0], scope))
+        return sum(n for k, n in self.records.items() if scope is None or within(k[0], scope))
 
     def blind_spots(self) -> list[Key]:
         """Compute ops that ran without a FLOP formula (they would count 0)."""
         return sorted(k for k in self.uncounted if COMPUTE_OP.fullmatch(k[3]))
-
-
-def _within(scope: str, prefix: str) -> bool:
-    return scope == prefix or scope.startswith(prefix + ".")
 
 
 # ---- the simple counts the graph tests use ---------------------------------------------------

@@ -27,6 +27,8 @@ from typing import Callable
 import sympy as sp
 import torch
 
+from costgraph.graph import within
+from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph.evaluate import Compiled
 from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, MAX_CROPS, MODES, VISION, Mode, VisionConfig
@@ -202,16 +204,12 @@ def compare_metrics(p: Predictor, pred: dict[str, int], calls: list[Call]) -> tu
             ref = "; ".join(map(str, claims))
             for m in OP_METRICS:
                 rows.append(Row(node, m, pred[f"node:{node}:{m}"], sum(getattr(calls[i], m) for i in mine), ref))
-    subtotals = [Row(s, m, pred[f"scope:{s}:{m}"], sum(getattr(c, m) for c in calls if _within(c.section, s)),
+    subtotals = [Row(s, m, pred[f"scope:{s}:{m}"], sum(getattr(c, m) for c in calls if within(c.section, s)),
                      "all aten ops") for s in p.scopes for m in OP_METRICS]
     unclaimed = [(f"{c.section}:{c.module or '<root>'}", f"{c.call}/{c.op}#{occ[i]}",
                   c.bytes_read + c.bytes_written + c.elementwise_flops)
                  for i, c in enumerate(calls) if _moves(c) and i not in owner]
     return rows, subtotals, unclaimed
-
-
-def _within(scope: str, prefix: str) -> bool:
-    return scope == prefix or scope.startswith(prefix + ".")
 
 
 def verify_views(views: Views, model=None, metrics: bool = False, dtype: str = "fp32",
@@ -227,7 +225,7 @@ def verify_views(views: Views, model=None, metrics: bool = False, dtype: str = "
     return compare_page(views, measured, int(seq.shape[0]), time.perf_counter() - t, rec.calls, dtype, cfg)
 
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPES = {name: torch_dtype(name) for name in STORAGE}
 
 
 # ---- requests: what the command line asks for --------------------------------------------

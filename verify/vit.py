@@ -36,6 +36,7 @@ from functools import lru_cache
 import sympy as sp
 import torch
 
+from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import params as cg_params
 from costgraph.cost import METRICS as ALL_METRICS
 from graphs.vit import symbols as S
@@ -49,7 +50,7 @@ from .runner import occurrences
 
 LINEAR, CONV, SDPA = "linear", "conv2d", "scaled_dot_product_attention"
 OP_METRICS = ("elementwise_flops", "bytes_read", "bytes_written", "activation_bytes")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPES = {name: torch_dtype(name) for name in STORAGE}
 L = "vit.layers.{0}"
 
 # ---- which part of the reference each node is ---------------------------------------------------

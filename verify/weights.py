@@ -14,13 +14,14 @@ from collections import defaultdict
 
 import torch
 
+from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import params as P
 from costgraph.evaluate import substitute
 from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import DTYPES, LM, MODES
 from .compare import Comparison, Row
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {name: torch_dtype(name) for name in STORAGE}
 
 
 def _part(path: str) -> str:

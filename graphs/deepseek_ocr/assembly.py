@@ -15,6 +15,7 @@ import sympy as sp
 from . import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
+from costgraph.ops import more_than_one
 from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
@@ -71,7 +72,7 @@ def stitch_copies(w=S.w_crop) -> sp.Expr:
     """Indicator that stitching the crop batch into one grid copies it: a permute and reshape that
     stays a view for a single column of tiles (w_crop == 1). The one layout-dependent case in the
     vision bytes that is not `crops_run`: a closed form polynomial in the layout needs w_crop >= 2."""
-    return vision.more_than_one(w)
+    return more_than_one(w)
 
 
 def _assemble(a, out_global, side, out_crop, width: int = VISION.projector_out) -> Tensor:

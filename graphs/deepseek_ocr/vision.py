@@ -27,45 +27,16 @@ from __future__ import annotations
 
 import sympy as sp
 
-from costgraph import conventions as C
-from . import symbols as S
-from costgraph.cost import Cost
+from costgraph.dtypes import FLOAT32, INT64
 from costgraph.graph import ScopeBuilder, Tensor
-from costgraph.ops import FLOAT32, INT64, Spec, ceil_div, register
+from costgraph.ops import ceil_div, more_than_one, unequal
+from . import symbols as S
 from .config import VISION, VisionConfig
 
 
 def sam_grid(side, patch=S.patch_size) -> sp.Expr:
     """g = side // patch: SAM's patch grid."""
     return sp.floor(sp.sympify(side) / patch)
-
-
-def indicator(cond) -> sp.Expr:
-    """1 where `cond` holds, else 0 (decided now when the sizes are numbers)."""
-    return sp.Piecewise((1, cond), (0, True))
-
-
-def more_than_one(n) -> sp.Expr:
-    return indicator(sp.Gt(n, 1))
-
-
-def unequal(a, b) -> sp.Expr:
-    return indicator(sp.Ne(sp.sympify(a), sp.sympify(b)))
-
-
-@register("rel_pos_coords")
-def rel_pos_coords(*, size):
-    """SAM's rel-pos index for q = k = size: arange(size)[:, None] * 1.0 - arange(size)[None, :] * 1.0
-    + (size - 1) * 1.0, then `.long()`. Two int64 aranges, two multiplies by a Python float (to fp32,
-    torch's default float), the broadcast subtract, the scalar add, the cast to int64."""
-    s = sp.sympify(size)
-    ew = 2 * C.elementwise_flops("mul", s, s) + C.elementwise_flops("sub", s * s, s) \
-        + C.elementwise_flops("add", s * s, s * s)
-    #       aranges      muls (int64 in, fp32 out)     sub (two fp32 vectors)    add (scalar)    long
-    read = (0 + 2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s)
-    written = (2 * INT64 * s + 2 * FLOAT32 * s + FLOAT32 * s * s + FLOAT32 * s * s + INT64 * s * s)
-    return Spec((s, s), INT64), Cost(elementwise_flops=ew, bytes_read=read, bytes_written=written,
-                                     activation_bytes=INT64 * s * s)
 
 
 def cast(b: ScopeBuilder, path: str, x: Tensor, size, **attrs) -> Tensor:
