@@ -14,11 +14,12 @@ import pytest  # noqa: E402
 import sympy as sp  # noqa: E402
 
 from costgraph import forms  # noqa: E402
-from graphs.deepseek_ocr import symbols as S  # noqa: E402
-from costgraph.app.cli import main  # noqa: E402
 from costgraph.cost import METRICS  # noqa: E402
+from costgraph.dtypes import STORAGE  # noqa: E402
 from costgraph.evaluate import Compiled, substitute  # noqa: E402
+from graphs.deepseek_ocr import MODEL  # noqa: E402
 from graphs.deepseek_ocr import assembly as model  # noqa: E402
+from graphs.deepseek_ocr import symbols as S  # noqa: E402
 from graphs.deepseek_ocr.config import MODES  # noqa: E402
 from graphs.deepseek_ocr.config import LM  # noqa: E402
 from graphs.deepseek_ocr.decoder import prompt_length  # noqa: E402
@@ -29,30 +30,37 @@ from graphs.deepseek_ocr.layout import crops_run, layout_for_grid  # noqa: E402
 GRIDS = [(w, h) for w in range(1, 13) for h in range(1, 13) if w * h >= 2]
 TEXT = (0, 7, 300)
 OUTPUT = (1, 2, 1000)
+ALIGNED = MODEL.form_rules(None)[-1]   # the AlignedRule: sizes multiples of M*patch_size
 
 
-DTYPE_BYTES = (2, 4)
+def build(kind, mode, scope, metric, grid_multiple=None, dtype="bf16"):
+    return forms.build(MODEL, kind, mode, scope, metric, grid_multiple, dtype=dtype)
+
+
+def _per_dtype(kind, mode, scope, metric, **kw):
+    """{key: form}: one form per storage dtype where the metric has an element size (bytes), else one;
+    the bf16 form is keyed `scope:metric`, the others `scope:metric:dtype`."""
+    first = build(kind, mode, scope, metric, dtype="bf16", **kw)
+    out = {f"{scope}:{metric}": first}
+    for d in STORAGE:
+        f = build(kind, mode, scope, metric, dtype=d, **kw)
+        if d != "bf16" and f.expr != first.expr:
+            out[f"{scope}:{metric}:{d}"] = f
+    return out
 
 
 def _points():
-    pts = list(itertools.product(GRIDS, TEXT, OUTPUT, DTYPE_BYTES))
+    pts = list(itertools.product(GRIDS, TEXT, OUTPUT))
     return {"w_crop": np.array([g[0] for g, *_ in pts]), "h_crop": np.array([g[1] for g, *_ in pts]),
-            "text_tokens": np.array([p[1] for p in pts]), "output_tokens": np.array([p[2] for p in pts]),
-            "dtype_bytes": np.array([p[3] for p in pts])}
+            "text_tokens": np.array([p[1] for p in pts]), "output_tokens": np.array([p[2] for p in pts])}
 
 
 def _where(pts, mask):
     return {k: v[mask] for k, v in pts.items()}
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_acceptance_gundam_vision_latex_is_a_polynomial_with_assumptions(capsys):
-    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--metric", "flops", "--scope", "vision", "--latex")
+def test_acceptance_gundam_vision_latex_is_a_polynomial_with_assumptions(cli):
+    code, out, _ = cli("formula", "--mode", "gundam", "--metric", "flops", "--scope", "vision", "--latex")
     formula, *comments = out.splitlines()
     assert code == 0
     assert formula.startswith(r"\mathrm{flops}^{\mathrm{gundam}}_{\mathrm{vision}} = 1\,139\,967\,033\,344 + "
@@ -61,7 +69,7 @@ def test_acceptance_gundam_vision_latex_is_a_polynomial_with_assumptions(capsys)
     assert not any(k in formula for k in (r"\lceil", r"\lfloor", "cases", r"\mathbb{1}"))
     assert any(c.startswith("% assumption: w_crop*h_crop >= 2") for c in comments)
     assert "% otherwise, no-crop layout 1x1 (page within 640x640): 1139967033344" in comments
-    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--scope", "vision", "--json")
+    code, out, _ = cli("formula", "--mode", "gundam", "--scope", "vision", "--json")
     data = json.loads(out)
     assert data["form"] == "simplified" and data["polynomial"] and set(data["symbols"]) == {"w_crop", "h_crop"}
     assert [a["name"] for a in data["assumptions"]] == ["tiled"]
@@ -69,7 +77,7 @@ def test_acceptance_gundam_vision_latex_is_a_polynomial_with_assumptions(capsys)
 
 def test_gundam_vision_coefficients_are_the_global_view_and_one_crop():
     gundam = MODES["gundam"]
-    terms = forms.build("coefficients", "gundam", "vision", "flops").terms()
+    terms = build("coefficients", "gundam", "vision", "flops").terms()
     assert [(t.name, t.monomial) for t in terms] == [("constant", 1), ("per crop", S.w_crop * S.h_crop)]
     one = model.layout_totals(gundam, layout_for_grid(1, 2, gundam), ["vision.global", "vision.crops"], ["flops"])
     assert terms[0].coefficient == one["vision.global"]["flops"] == 1139967033344
@@ -208,8 +216,8 @@ def test_latex_parses(kind, mode, scope):
         assert r"\left\lceil" in tex and r"\left\lfloor" in tex and r"\mathbb{1}[w_{\mathrm{crop}}" in tex
 
 
-def test_coefficients_latex_names_each_term(capsys):
-    code, out, _ = run(capsys, "formula", "--mode", "gundam", "--scope", "e2e", "--form", "coefficients", "--latex")
+def test_coefficients_latex_names_each_term(cli):
+    code, out, _ = cli("formula", "--mode", "gundam", "--scope", "e2e", "--form", "coefficients", "--latex")
     assert code == 0 and out.startswith(r"\begin{aligned}")
     assert r"&& \text{per crop}" in out and r"\text{per crop$^{2}$}" in out and r"\end{aligned}" in out
 
@@ -220,6 +228,6 @@ def test_coefficients_latex_names_each_term(capsys):
     ["formula", "--grid-multiple", "0"],
     ["formula", "--form", "closed"],
 ])
-def test_bad_form_arguments_exit_2(capsys, argv):
-    code, out, err = run(capsys, *argv)
+def test_bad_form_arguments_exit_2(cli, argv):
+    code, out, err = cli(*argv)
     assert code == 2 and out == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1

@@ -61,7 +61,7 @@ def test_symbolic_max_keeps_incomparable_candidates():
 # ---- the real graphs ------------------------------------------------------------------------------
 
 from graphs.deepseek_ocr import assembly as model                                            # noqa: E402
-from graphs.deepseek_ocr.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig       # noqa: E402
+from graphs.deepseek_ocr.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig, get_mode  # noqa: E402
 from graphs.deepseek_ocr.decoder import decoder_graph                                            # noqa: E402
 from graphs.deepseek_ocr.layout import layout_for_grid                                           # noqa: E402
 
@@ -88,7 +88,7 @@ def test_pruned_candidates_give_the_exact_max():
     """The symbolic Max keeps only undominated candidates: it must equal the max over every step."""
     import numpy as np
 
-    mode = model.get_mode("gundam")
+    mode = get_mode("gundam")
     fixed = {**model.mode_values(mode), **model.dtype_values("bf16")}
     values = {"w_crop": np.array([2, 3, 1, 4]), "h_crop": np.array([3, 3, 1, 2]), "text_tokens": np.array([10, 0, 50, 10]),
               "t": np.array([1, 500, 20, 999])}
@@ -104,7 +104,7 @@ def test_pruned_candidates_give_the_exact_max():
 
 def test_crop_batch_peak_is_its_multiplicity_times_a_batch():
     g = model.vision_graph(True)
-    mode = model.get_mode("gundam")
+    mode = get_mode("gundam")
     p = liveness(g, "vision.crops")
     at = lambda w, h: p.at({**{k.name: v for k, v in model.mode_values(mode).items()}, "dtype_bytes": 2,
                             "w_crop": w, "h_crop": h})["bytes"]
@@ -117,7 +117,7 @@ def test_kv_cache_update_replaces_the_old_cache():
     one layer's K or V (the cat holds old and new at once), not by all of them."""
     g = decoder_graph(SMALL_LM)
     p = liveness(g, "decoder.decode")
-    v = {**{k.name: x for k, x in model.mode_values(model.get_mode("gundam")).items()}, "w_crop": 2, "h_crop": 3,
+    v = {**{k.name: x for k, x in model.mode_values(get_mode("gundam")).items()}, "w_crop": 2, "h_crop": 3,
          "dtype_bytes": 4, "text_tokens": 10}
     one, two = (p.at({**v, "t": t})["bytes"] for t in (1, 2))
     assert two > one

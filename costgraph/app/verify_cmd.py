@@ -18,6 +18,7 @@ from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, M
 from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
 from .args import model_arg
+from .models import get_model
 from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
 
 EXIT_MISMATCH = 1
@@ -135,6 +136,9 @@ def cmd_verify(args) -> int:
     from verify.runner import VERIFIERS, peak_rss_mib
     from verify import lm_profile
 
+    if getattr(args, "model", "deepseek-ocr") == "vit":
+        return _verify_vit(args)
+
     lm_profile.register(VERIFIERS)  # decoder.prefill, decoder.decode, decoder, e2e
 
     if args.scope not in VERIFIERS:
@@ -176,6 +180,32 @@ def cmd_verify(args) -> int:
         for what, why in not_checked.items():
             print(f"not checked: {what}: {why}")
     return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
+
+
+def _verify_vit(args) -> int:
+    """The ViT classifier against transformers' ViTForImageClassification: FLOPs on meta or CPU, the other
+    metrics on CPU; `--size SxS` is the image side (default: the variant's own), `--mode` the variant."""
+    from verify import report
+    from verify.vit import verify_vit
+
+    cfg = get_model("vit").get_mode(args.mode or "vit-b16-224")
+    if args.image or args.grid or args.all_grids or args.symbolic or args.scope != "vision":
+        raise UserError("--model vit verify takes --size SxS (the image side), --mode, --device, --metrics, --dtype")
+    side = cfg.image_size
+    if args.size:
+        if args.size[0] != args.size[1]:
+            raise UserError(f"--model vit runs square images: got {args.size[0]}x{args.size[1]}")
+        side = args.size[0]
+    groups, compared = _metrics(args)
+    metrics = ("flops",) + tuple(m for m in compared if m not in ("flops", "kv_cache_bytes"))
+    t = time.perf_counter()
+    comp = verify_vit(image_size=side, device=args.device, metrics=metrics, dtype=args.dtype or "fp32", cfg=cfg)
+    footer = f"run time {time.perf_counter() - t:.1f} s"
+    if args.report:
+        write_atomic(args.report, report.markdown([comp], command="costgraph --model vit verify", footer=footer))
+    print(json.dumps(report.to_json([comp], {"run": {"device": args.device}}), indent=1) if args.json
+          else report.text([comp], footer=footer))
+    return 0 if comp.ok else EXIT_MISMATCH
 
 
 def _not_checked(args, groups) -> dict[str, str]:
