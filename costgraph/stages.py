@@ -272,7 +272,8 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
         out["params"] = summary
     if "activations" in groups:
         for s in scopes:
-            derived[s]["peak_activation_bytes"] = scope_peak(model, mode, s, stage_peaks)
+            if scope_stages(model, mode, s):  # a scope inside a stage has no liveness pass of its own
+                derived[s]["peak_activation_bytes"] = scope_peak(model, mode, s, stage_peaks)
         out["activations"] = {"peak": stage_peaks, "note": "peak live bytes of op outputs per stage (inputs, "
                               "weights and the KV cache excluded); a summed stage (decode) at its last step "
                               "(t = output_tokens-1); a scope's peak is the max of its stages'"}

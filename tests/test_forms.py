@@ -86,23 +86,29 @@ def test_gundam_vision_coefficients_are_the_global_view_and_one_crop():
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_simplified_equals_general_on_every_grid_and_length(mode):
+    """Per storage dtype (the forms substitute it): bf16 and fp32 byte forms each checked."""
     m = MODES[mode]
     pts = _points()
-    general, simplified, excluded, needs_columns = {}, {}, {}, set()
+    general, simplified, excluded, needs_columns, dtype_of = {}, {}, {}, set(), {}
     for scope in model.scopes_for(m):
         for metric in METRICS:
-            g = forms.build("general", mode, scope, metric)
-            s = forms.build("simplified", mode, scope, metric)
-            c = forms.build("coefficients", mode, scope, metric)
-            assert s.is_polynomial and c.expr == s.expr
-            assert not s.expr.has(sp.Piecewise, sp.floor, sp.ceiling)
-            k = f"{scope}:{metric}"
-            general[k], simplified[k] = g.expr, s.expr
-            if "columns" in [a.name for a in s.assumptions]:
-                needs_columns.add(k)
-            # each excluded case is printed with its own value: the general form there
-            for case, value in s.otherwise:
-                excluded.setdefault(k, {})[case] = value
+            gs = _per_dtype("general", mode, scope, metric)
+            ss = _per_dtype("simplified", mode, scope, metric)
+            cs = _per_dtype("coefficients", mode, scope, metric)
+            assert gs.keys() == ss.keys() == cs.keys()
+            for k, s in ss.items():
+                assert s.is_polynomial and cs[k].expr == s.expr
+                assert not s.expr.has(sp.Piecewise, sp.floor, sp.ceiling, S.dtype_bytes)
+                general[k], simplified[k] = gs[k].expr, s.expr
+                dtype_of[k] = k.split(":")[2] if k.count(":") == 2 else "bf16"
+                if "columns" in [a.name for a in s.assumptions]:
+                    needs_columns.add(k)
+                # each excluded case is printed with its own value: the general form there
+                for case, value in s.otherwise:
+                    excluded.setdefault(k, {})[case] = value
+    # the byte metrics have one form per dtype, the others one
+    assert {k for k in general if k.endswith(":fp32")} == \
+        {f"{s}:{mt}:fp32" for s in model.scopes_for(m) for mt in METRICS if mt.startswith(("bytes", "activation"))}
     ev_g = Compiled(general)(**pts)
     ev_s = Compiled(simplified)(**pts)
     several_columns = pts["w_crop"] >= 2
@@ -114,7 +120,8 @@ def test_simplified_equals_general_on_every_grid_and_length(mode):
         # the scopes that see the crop indicator get a no-crop value (vision.global does not)
         no_crop = {k: v["no-crop layout 1x1 (page within 640x640)"] for k, v in excluded.items()
                    if "no-crop layout 1x1 (page within 640x640)" in v}
-        assert set(no_crop) == {k for k, e in general.items() if e.has(crops_run())} >= {"vision:flops", "e2e:flops"}
+        assert set(no_crop) == {k for k, e in general.items() if e.has(crops_run())} >= \
+            {"vision:flops", "e2e:flops", "vision:bytes_read:fp32"}
         one = dict(pts, w_crop=np.ones_like(pts["w_crop"]), h_crop=np.ones_like(pts["h_crop"]))
         at_one_g, at_one_nc = Compiled(general)(**one), Compiled(no_crop)(**one)
         at_one_s = Compiled(simplified)(**one)
@@ -129,61 +136,66 @@ def test_simplified_equals_general_on_every_grid_and_length(mode):
         at_col_g, at_col_c = Compiled(general)(**col), Compiled(single)(**col)
         for k in single:
             assert np.array_equal(at_col_g[k], at_col_c[k]), k
-    # exact (sympy) spot checks beside the compiled ones
-    values = {S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.output_tokens: 1000, S.dtype_bytes: 2}
+    # exact (sympy) spot checks beside the compiled ones; the general form equals the graph's own total
+    # (dtype symbolic) with the dtype's element size put in by hand
+    values = {S.w_crop: 2, S.h_crop: 3, S.text_tokens: 10, S.output_tokens: 1000}
     for k in general:
-        assert substitute(general[k], values) == substitute(simplified[k], values), k
+        scope, metric = k.split(":")[:2]
+        graph_total = model.formula(m, scope, metric)
+        by_hand = substitute(graph_total, {**values, S.dtype_bytes: STORAGE[dtype_of[k]]})
+        assert substitute(general[k], values) == substitute(simplified[k], values) == by_hand, k
 
 
 def _symbolic_points(multiple, ks=(1, 2), patches=(1, 2, 16), ratios=(1, 2, 4)):
     """Sizes that satisfy 'multiple of multiple*patch_size' for sampled patch sizes and ratios."""
     rows = []
-    for p, r, kb, kc, (w, h), t, n, b in itertools.product(patches, ratios, ks, ks,
-                                                          [(1, 2), (2, 3), (3, 3), (9, 1)], (0, 9), (1, 50), (2, 4)):
+    for p, r, kb, kc, (w, h), t, n in itertools.product(patches, ratios, ks, ks,
+                                                       [(1, 2), (2, 3), (3, 3), (9, 1)], (0, 9), (1, 50)):
         step = int(sp.sympify(multiple).subs({S.patch_size: p, S.downsample_ratio: r})) * p
-        rows.append((step * kb, step * kc, p, r, w, h, t, n, b))
+        rows.append((step * kb, step * kc, p, r, w, h, t, n))
     names = ["base_size", "image_size", "patch_size", "downsample_ratio", "w_crop", "h_crop", "text_tokens",
-             "output_tokens", "dtype_bytes"]
+             "output_tokens"]
     return {nm: np.array(col) for nm, col in zip(names, zip(*rows))}
 
 
 @pytest.mark.parametrize("scope", model.scopes_for(None))
 def test_symbolic_simplified_equals_general_where_sizes_are_aligned(scope):
     for metric in METRICS:
-        g = forms.build("general", None, scope, metric)
-        s = forms.build("simplified", None, scope, metric)
-        assert s.is_polynomial and not s.expr.has(sp.floor, sp.ceiling, sp.Piecewise)
-        multiple = forms.grid_multiple(g.expr)
-        tiled = ["tiled"] if g.expr.has(crops_run()) else []
-        columns = ["columns"] if g.expr.has(model.stitch_copies()) else []
-        experts = ["experts"] if g.expr.has(sp.Min) else []
-        assert [a.name for a in s.assumptions] == tiled + columns + experts + [f"aligned-{multiple}"]
-        pts = _symbolic_points(multiple)
-        if columns:
-            pts = _where(pts, pts["w_crop"] >= 2)
-        if experts:  # where every expert runs: k * prompt >= experts
-            prompt = Compiled({"L": prompt_length()})(**{k: v for k, v in pts.items() if k != "output_tokens"
-                                                          and k != "dtype_bytes"})["L"]
-            pts = _where(pts, LM.experts_per_token * prompt >= LM.routed_experts)
-        ev = Compiled({"g": g.expr, "s": s.expr})(**{k: v for k, v in pts.items()})
-        assert np.array_equal(ev["g"], ev["s"]) and np.any(ev["g"] > 0)  # decode is 0 for one output token
-        exact = {S.BY_NAME[k]: int(v[5]) for k, v in pts.items()}
-        assert substitute(g.expr, exact) == substitute(s.expr, exact)
+        for key, g in _per_dtype("general", None, scope, metric).items():
+            dtype = key.split(":")[2] if key.count(":") == 2 else "bf16"
+            s = build("simplified", None, scope, metric, dtype=dtype)
+            assert s.is_polynomial and not s.expr.has(sp.floor, sp.ceiling, sp.Piecewise, S.dtype_bytes)
+            multiple = ALIGNED.multiple(g.expr)
+            tiled = ["tiled"] if g.expr.has(crops_run()) else []
+            columns = ["columns"] if g.expr.has(model.stitch_copies()) else []
+            experts = ["experts"] if g.expr.has(sp.Min) else []
+            assert [a.name for a in s.assumptions] == tiled + columns + experts + [f"aligned-{multiple}"]
+            pts = _symbolic_points(multiple)
+            if columns:
+                pts = _where(pts, pts["w_crop"] >= 2)
+            if experts:  # where every expert runs: k * prompt >= experts
+                prompt = Compiled({"L": prompt_length()})(**{k: v for k, v in pts.items()
+                                                              if k != "output_tokens"})["L"]
+                pts = _where(pts, LM.experts_per_token * prompt >= LM.routed_experts)
+            ev = Compiled({"g": g.expr, "s": s.expr})(**{k: v for k, v in pts.items()})
+            assert np.array_equal(ev["g"], ev["s"]) and np.any(ev["g"] > 0), key  # decode: 0 for one output token
+            exact = {S.BY_NAME[k]: int(v[5]) for k, v in pts.items()}
+            assert substitute(g.expr, exact) == substitute(s.expr, exact), key
 
 
 def test_grid_multiple_is_derived_from_the_floors_and_ceilings():
-    assert forms.grid_multiple(model.formula(None, "vision", "flops")) == 28       # lcm(window 14, 2, 4)
-    assert forms.grid_multiple(model.formula(None, "decoder.prefill", "flops")) == S.downsample_ratio
-    assert forms.grid_multiple(model.formula(None, "e2e", "flops")) == 28 * S.downsample_ratio
-    assert forms.grid_multiple(model.formula(MODES["gundam"], "vision", "flops")) is None
+    assert ALIGNED.multiple(model.formula(None, "vision", "flops")) == 28       # lcm(window 14, 2, 4)
+    assert ALIGNED.multiple(model.formula(None, "decoder.prefill", "flops")) == S.downsample_ratio
+    assert ALIGNED.multiple(model.formula(None, "e2e", "flops")) == 28 * S.downsample_ratio
+    assert ALIGNED.multiple(model.formula(MODES["gundam"], "vision", "flops")) is None
 
 
 def test_assumption_violated_gives_a_different_value():
     """At the released gundam sizes (1024, 640: not multiples of 28*16) the fully simplified vision form is wrong,
     and the form that assumes multiples of 64 only (window ceilings kept) is right."""
-    g = forms.build("general", None, "vision", "flops").expr
-    full = forms.build("simplified", None, "vision", "flops").expr
-    kept = forms.build("simplified", None, "vision", "flops", 4)
+    g = build("general", None, "vision", "flops").expr
+    full = build("simplified", None, "vision", "flops").expr
+    kept = build("simplified", None, "vision", "flops", 4)
     assert kept.expr.has(sp.ceiling) and "holds for gundam, gundam-m" in kept.assumptions[1].words
     values = {S.base_size: 1024, S.image_size: 640, S.patch_size: 16, S.w_crop: 2, S.h_crop: 3}
     assert substitute(kept.expr, values) == substitute(g, values) == 1139967033344 + 6 * 388149837824
@@ -192,13 +204,14 @@ def test_assumption_violated_gives_a_different_value():
 
 def test_term_names():
     w, h, t, n = S.w_crop, S.h_crop, S.text_tokens, S.output_tokens
-    assert forms.term_name({}) == "constant"
-    assert forms.term_name({w: 1, h: 1}) == "per crop"
-    assert forms.term_name({h: 1}) == "per crop row"
-    assert forms.term_name({w: 1}) == "per crop column"
-    assert forms.term_name({w: 2, h: 2}) == "per crop^2"
-    assert forms.term_name({w: 1, h: 2, t: 1}) == "per crop x crop row x text token"
-    assert forms.term_name({n: 2}) == "per output token^2"
+    name = lambda powers: forms.term_name(powers, MODEL.term_symbols, tuple(MODEL.term_groups.items()))
+    assert name({}) == "constant"
+    assert name({w: 1, h: 1}) == "per crop"
+    assert name({h: 1}) == "per crop row"
+    assert name({w: 1}) == "per crop column"
+    assert name({w: 2, h: 2}) == "per crop^2"
+    assert name({w: 1, h: 2, t: 1}) == "per crop x crop row x text token"
+    assert name({n: 2}) == "per output token^2"
 
 
 @pytest.mark.parametrize("kind, mode, scope", [
@@ -207,7 +220,7 @@ def test_term_names():
 ])
 def test_latex_parses(kind, mode, scope):
     """matplotlib's mathtext parser (a LaTeX subset) accepts the formula: no unbalanced braces, known commands."""
-    tex = forms.build(kind, mode, scope, "flops").latex()
+    tex = build(kind, mode, scope, "flops").latex()
     fig = plt.figure()
     fig.text(0, 0, f"${tex}$")
     fig.savefig(io.BytesIO(), format="png")

@@ -14,7 +14,8 @@ from dataclasses import replace
 import pytest
 
 from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import ClipConfig, Mode, SamConfig, VisionConfig
+from graphs.deepseek_ocr import symbols as S
+from graphs.deepseek_ocr.config import ClipConfig, Mode, SamConfig, VisionConfig, get_mode
 from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 from verify import mapping
 from verify.dispatch import Call, MetricRecorder
@@ -183,11 +184,10 @@ def test_rel_pos_and_position_lookups_read_the_rows_they_gather():
     rows of head_dim 64 from a (2s - 1)-row table (more than the table), CLIP's position lookup each of
     its 257 rows once. Full-size gundam views at bf16; the old rule (table + index) gives other numbers
     for SAM's."""
-    from costgraph import symbols as S
     from costgraph.evaluate import substitute
 
     g = model.vision_graph(True)
-    at = {**model.mode_values(model.get_mode("gundam")), S.dtype_bytes: 2}
+    at = {**model.mode_values(get_mode("gundam")), S.dtype_bytes: 2}
     read = lambda n: substitute(g.cost(n).bytes_read, at)
     for scope, s in (("global", 1024 // 16), ("crops", 640 // 16)):
         assert read(f"vision.{scope}.sam.blocks.2.attn.rel_pos_h.gather") == s * s * 8 + s * s * 64 * 2  # global block
@@ -198,9 +198,7 @@ def test_rel_pos_and_position_lookups_read_the_rows_they_gather():
 def test_symbolic_formulas_give_the_full_size_measurements():
     """One expression per metric and scope, symbolic in the sides, patch size and dtype, gives the
     full-size page's measured numbers once substituted."""
-    from costgraph import symbols as S
-
-    gundam = model.get_mode("gundam")
+    gundam = get_mode("gundam")
     layout = layout_for_grid(2, 3, gundam)
     general = model.formula(None, "vision.global", "bytes_read")
     assert {S.base_size, S.patch_size, S.dtype_bytes} <= general.free_symbols

@@ -4,7 +4,7 @@
 
 Run a reference under `MetricRecorder()`; `calls` keeps every op in order, so a graph node
 can claim the k-th call of a kind inside a module when one module runs several alike.
-`python -m verify.dispatch` prints the trace of a small vision view or LM forward, module by
+`python -m verify.trace` prints the trace of a small vision view or LM forward, module by
 module: the material the graph's formulas are written from.
 """
 from __future__ import annotations

@@ -224,9 +224,11 @@ def crop_heatmap(sweep, base: str) -> list[str]:
 def cost_vs_aspect(sweep, base: str) -> list[str]:
     """Image tokens and cost vs aspect W/H, coloured by the chosen grid; switches marked when 1-D."""
     aspect = sweep.columns["width"] / sweep.columns["height"]
-    tiled = sweep.columns["tiled"]
-    grid = np.where(tiled, np.char.add(np.char.add(sweep.columns["w_crop"].astype(str), "x"),
-                                       sweep.columns["h_crop"].astype(str)), "no crops")
+    if "tiled" in sweep.columns:
+        grid = np.where(sweep.columns["tiled"], np.char.add(np.char.add(sweep.columns["w_crop"].astype(str), "x"),
+                                                            sweep.columns["h_crop"].astype(str)), "no crops")
+    else:  # a model without a layout runs every page alike (resized to one view)
+        grid = np.full(len(aspect), "one view")
     n_pages = len(aspect)
     one_d = bool(sweep.params.get("curve")) and len(np.unique(aspect)) == n_pages  # one series along the aspect
     names_col = sweep.columns.get("page")
@@ -240,7 +242,8 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
             text = ", ".join(name for _, name in members)
             labels.append((members[0][0], (text if len(text) <= 60 else text[:57] + "...") + f" [{g}]"))
         labels.sort(key=lambda kl: aspect[kl[0]])
-    series = [("image tokens (slots)", sweep.columns["image_tokens"], 1.0, "image tokens")]
+    tokens = "image_tokens" if "image_tokens" in sweep.columns else "tokens"
+    series = [(tokens.replace("_", " ") + " (slots)", sweep.columns[tokens], 1.0, tokens.replace("_", " "))]
     for metric in sweep.metrics:
         t = total(sweep, metric)
         scale, label = scaled(metric, t)
