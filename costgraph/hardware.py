@@ -6,8 +6,12 @@ throughput that elementwise work runs on; `bandwidth` is the memory bandwidth in
 """
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
+
+from .dtypes import torch_dtype as _torch_dtype
 
 TERA = 1e12
 GIGA = 1e9
@@ -71,8 +75,6 @@ class Measurement:
 
 def _rates(fn, work: float, reps: int, samples: int) -> Measurement:
     """Time `samples` runs of `reps` calls each (one warm-up run first); rates in work/s."""
-    import statistics
-
     fn()
     rates = []
     for _ in range(samples):
@@ -103,11 +105,8 @@ def calibrate(dtype: str = "bf16", samples: int = 7, matmul_n: int = 2048, copy_
     - bandwidth: copy of a `copy_mib` (256) MiB fp32 tensor (8x the largest L3 here): read + write bytes.
     Smaller `matmul_n` / `copy_mib` make a quick check (the tests), not a preset.
     """
-    import os
-
     import torch
 
-    from .dtypes import torch_dtype as _torch_dtype
     torch_dtype = _torch_dtype(dtype)
     threads = torch.get_num_threads()
     with torch.no_grad():

@@ -5,8 +5,6 @@ import zlib
 import pytest
 from PIL import Image
 
-from costgraph.app.cli import main
-
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG with a valid signature and IHDR (RGB, 8 bit) but no pixel data: its size is what it claims."""
@@ -16,15 +14,9 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(capsys, tmp_path, *argv, says=""):
+def assert_refused(cli, tmp_path, *argv, says=""):
     report = tmp_path / "report.md"
-    code, out, err = run(capsys, "verify", *argv, "--report", str(report))
+    code, out, err = cli("verify", *argv, "--report", str(report))
     assert code == 2 and out == "", (code, out, err)
     assert err.startswith("costgraph: error: ") and err.count("\n") == 1, err
     assert says in err
@@ -38,50 +30,50 @@ def page(tmp_path):
     return path
 
 
-def test_truncated_image(capsys, tmp_path, page):
+def test_truncated_image(cli, tmp_path, page):
     data = page.read_bytes()
     bad = tmp_path / "truncated.png"
     bad.write_bytes(data[: len(data) // 2])
-    assert_refused(capsys, tmp_path, "--image", str(bad), says="truncated")
+    assert_refused(cli, tmp_path, "--image", str(bad), says="truncated")
 
 
-def test_corrupt_image(capsys, tmp_path, page):
+def test_corrupt_image(cli, tmp_path, page):
     data = bytearray(page.read_bytes())
     data[60:200] = bytes(140)  # zero out the start of the compressed pixel data
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(bytes(data))
-    assert_refused(capsys, tmp_path, "--image", str(bad), says="corrupt")
+    assert_refused(cli, tmp_path, "--image", str(bad), says="corrupt")
 
 
-def test_not_an_image(capsys, tmp_path):
+def test_not_an_image(cli, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is a text file, not a page\n")
-    assert_refused(capsys, tmp_path, "--image", str(bad), says="not an image")
+    assert_refused(cli, tmp_path, "--image", str(bad), says="not an image")
 
 
-def test_zero_pixel_image(capsys, tmp_path):
+def test_zero_pixel_image(cli, tmp_path):
     bad = tmp_path / "empty.png"
     bad.write_bytes(png_header(0, 100))
-    assert_refused(capsys, tmp_path, "--image", str(bad))
+    assert_refused(cli, tmp_path, "--image", str(bad))
 
 
-def test_one_by_twenty_thousand(capsys, tmp_path):
+def test_one_by_twenty_thousand(cli, tmp_path):
     bad = tmp_path / "sliver.png"
     Image.new("RGB", (1, 20000), (0, 0, 0)).save(bad)
-    assert_refused(capsys, tmp_path, "--image", str(bad), says="too elongated")
-    assert_refused(capsys, tmp_path, "--size", "1x20000", says="too elongated")
+    assert_refused(cli, tmp_path, "--image", str(bad), says="too elongated")
+    assert_refused(cli, tmp_path, "--size", "1x20000", says="too elongated")
 
 
-def test_decompression_bomb_header(capsys, tmp_path):
+def test_decompression_bomb_header(cli, tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header(100_000, 100_000))  # 10^10 pixels claimed, 57 bytes on disk
-    assert_refused(capsys, tmp_path, "--image", str(bomb), says="decompression-bomb")
+    assert_refused(cli, tmp_path, "--image", str(bomb), says="decompression-bomb")
 
 
 @pytest.mark.parametrize("limit", [300_000, 600_000])  # over 2x the limit: error; over 1x: warning (refused too)
-def test_decompression_bomb_limit(capsys, tmp_path, page, monkeypatch, limit):
+def test_decompression_bomb_limit(cli, tmp_path, page, monkeypatch, limit):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # the page has 630,000 pixels
-    assert_refused(capsys, tmp_path, "--image", str(page), says="decompression-bomb")
+    assert_refused(cli, tmp_path, "--image", str(page), says="decompression-bomb")
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -96,10 +88,10 @@ def test_decompression_bomb_limit(capsys, tmp_path, page, monkeypatch, limit):
     (["--grid", "2x2", "--size", "10x10"], "not allowed with"),
     ([], "required"),
 ])
-def test_bad_arguments(capsys, tmp_path, argv, says):
-    assert_refused(capsys, tmp_path, *argv, says=says)
+def test_bad_arguments(cli, tmp_path, argv, says):
+    assert_refused(cli, tmp_path, *argv, says=says)
 
 
-def test_report_folder_must_exist(capsys, tmp_path):
-    code, out, err = run(capsys, "verify", "--grid", "2x2", "--report", str(tmp_path / "missing" / "r.md"))
+def test_report_folder_must_exist(cli, tmp_path):
+    code, out, err = cli("verify", "--grid", "2x2", "--report", str(tmp_path / "missing" / "r.md"))
     assert code == 2 and out == "" and "report folder does not exist" in err and err.count("\n") == 1

@@ -7,10 +7,10 @@ import sympy as sp
 from costgraph import roofline as RL
 from costgraph import stages
 from costgraph import symbols as S
-from costgraph.cost import Cost
+from costgraph.cost import METRICS, Cost
 from costgraph.graph import CostGraph
 from costgraph.hardware import PRESETS, Hardware, calibrate, get_hardware
-from graphs.deepseek_ocr import assembly as model
+from graphs.deepseek_ocr import MODEL
 from graphs.deepseek_ocr.config import MODES
 
 HW = Hardware("toy", tensor_flops=1e12, vector_flops=1e10, bandwidth=1e11, memory=1e9)
@@ -69,21 +69,47 @@ def test_ridge_point():
     assert r == {"tensor": 10.0, "vector": 0.1}
 
 
-def test_generation_stages_add_up():
+def _bounds(totals: dict, hw: Hardware) -> tuple[float, float]:
+    """Roofline seconds of a stage from its totals alone: each node takes max(compute, memory), so the
+    stage takes at least max(all compute, all memory) and at most their sum."""
+    compute = totals["flops"] / hw.tensor_flops + totals["elementwise_flops"] / hw.vector_flops
+    memory = (totals["bytes_read"] + totals["bytes_written"]) / hw.bandwidth
+    return max(compute, memory), compute + memory
+
+
+def test_generation_stages_against_hand_counts():
+    """A page of grid 2x3, 10 text tokens, 5 output tokens (bf16): the lm_head nodes timed from their
+    FLOPs and bytes counted by hand (SPEC: hidden 1280, vocab 129280), and every stage within the
+    bounds its exact totals (`cost`) allow."""
     mode = MODES["gundam"]
-    fixed = {**model.mode_values(mode), **model.dtype_values("bf16")}
-    values = {"w_crop": 2, "h_crop": 3, "text_tokens": 10, "output_tokens": 5}
-    hw = [PRESETS["h100-sxm"], PRESETS["l4"]]
-    out = stages.roofline(mode, fixed, values, hw, 5)
-    for name in ("h100-sxm", "l4"):
-        r = out[name]
+    point = MODEL.point(mode, grid=(2, 3), text_tokens=10, output_tokens=5)
+    fixed = {**MODEL.mode_values(mode), **MODEL.dtype_values("bf16")}
+    hws = [PRESETS["h100-sxm"], PRESETS["l4"]]
+    out = stages.roofline(MODEL, mode, fixed, point.values, hws, None, 3)
+    totals = stages.totals(MODEL, mode, point, ("vision", "decoder.prefill", "decoder.decode", "e2e"), METRICS,
+                           MODEL.variants(), "bf16")
+    hidden, vocab, b = 1280, 129280, 2
+    prompt = 1 + 10 + 903                      # BOS + text + the 2x3 page's image tokens
+    prefill_head = (2 * prompt * hidden * vocab, b * (hidden * vocab + prompt * hidden + prompt * vocab))
+    decode_head = (2 * hidden * vocab, b * (hidden * vocab + hidden + vocab))
+    for hw in hws:
+        r = out[hw.name]
         dec = r["decoder.decode"]
-        assert dec["steps"] == 4
-        assert dec["seconds"] == pytest.approx(4 * dec["per_token_mean_seconds"])
-        assert dec["first_step_seconds"] <= dec["last_step_seconds"]      # the context grows
-        assert r["total_seconds"] == pytest.approx(r["vision"]["seconds"] + r["decoder.prefill"]["seconds"]
-                                                   + dec["seconds"])
-        assert all(r[s]["seconds"] > 0 for s in ("vision", "decoder.prefill"))
+        assert dec["steps"] == 4                                     # t = 1..output_tokens-1
+        assert dec["first_step_seconds"] < dec["last_step_seconds"]  # the context grows
+        for node, (flops, nbytes), rec in (("decoder.prefill.lm_head", prefill_head, r["decoder.prefill"]),
+                                           ("decoder.decode.lm_head", decode_head, dec["last_step"])):
+            top = {n["node"]: n for n in rec["top_nodes"]}
+            assert (top[node]["flops"], top[node]["bytes"]) == (flops, nbytes)
+            assert top[node]["seconds"] == pytest.approx(max(flops / hw.tensor_flops, nbytes / hw.bandwidth))
+        for st in ("vision", "decoder.prefill", "decoder.decode"):
+            lo, hi = _bounds(totals[st], hw)
+            assert lo * (1 - 1e-9) <= r[st]["seconds"] <= hi * (1 + 1e-9), (hw.name, st)
+        lo, hi = _bounds(totals["e2e"], hw)
+        assert lo * (1 - 1e-9) <= r["total_seconds"] <= hi * (1 + 1e-9)
+    # h100: the prefill lm_head is compute-bound, one decode step's is memory-bound (about 1 FLOP/byte)
+    assert out["h100-sxm"]["decoder.prefill"]["top_nodes"][0]["bound"] == "compute"
+    assert out["h100-sxm"]["decoder.decode"]["last_step"]["top_nodes"][0]["bound"] == "memory"
     # a faster memory system is never slower
     assert out["h100-sxm"]["total_seconds"] < out["l4"]["total_seconds"]
 

@@ -4,13 +4,14 @@ import csv
 import io
 import json
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from PIL import Image
 
 from costgraph.app import sweep as SW
-from costgraph.app.cli import main
 from costgraph.cost import METRICS
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr.config import MODES
@@ -34,12 +35,6 @@ def spec_layout(width, height, tile=640, min_num=2, max_num=9):
         elif diff == best_diff and width * height > 0.5 * tile * tile * i * j:
             best = (i, j)
     return best[0], best[1], True
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- the layout rule, vectorised --------------------------------------------------------
@@ -80,9 +75,9 @@ def test_vectorised_layout_refuses_elongated_pages_naming_one():
 
 # ---- grid sweeps --------------------------------------------------------------------------
 
-def test_acceptance_grid_sweep_writes_22_rows_and_plots_equal_to_cost(capsys, tmp_path):
+def test_acceptance_grid_sweep_writes_22_rows_and_plots_equal_to_cost(cli, tmp_path):
     out = tmp_path / "sweep"
-    code, text, err = run(capsys, "sweep", "--mode", "gundam", "--grids", "all", "--out", str(out))
+    code, text, err = cli("sweep", "--mode", "gundam", "--grids", "all", "--out", str(out))
     assert code == 0, err
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     data = json.load(open(out / "sweep.json"))
@@ -94,7 +89,7 @@ def test_acceptance_grid_sweep_writes_22_rows_and_plots_equal_to_cost(capsys, tm
     scopes = model.scopes_for(GUNDAM)
     assert data["scopes"] == list(scopes) and data["metrics"] == list(METRICS)
     for row, point in zip(rows, data["points"]):
-        code, text, _ = run(capsys, "cost", "--mode", "gundam", "--grid", row["grid"], "--json")
+        code, text, _ = cli("cost", "--mode", "gundam", "--grid", row["grid"], "--json")
         cost = json.loads(text)
         assert point["totals"] == cost["totals"]
         assert point["image_tokens"] == cost["layout"]["image_tokens"] == int(row["image_tokens"])
@@ -103,19 +98,19 @@ def test_acceptance_grid_sweep_writes_22_rows_and_plots_equal_to_cost(capsys, tm
         assert {f"{s}:{m}": int(row[f"{s}:{m}"]) for s in scopes for m in METRICS} == \
             {f"{s}:{m}": v for s, ms in cost["totals"].items() for m, v in ms.items()}
     # the no-crop layout is reported beside the grids, equal to a small page's cost
-    code, text, _ = run(capsys, "cost", "--mode", "gundam", "--size", "600x400", "--json")
+    code, text, _ = cli("cost", "--mode", "gundam", "--size", "600x400", "--json")
     assert data["no_crop"]["totals"] == json.loads(text)["totals"]
     assert data["no_crop"]["image_tokens"] == 273
 
 
-def test_grid_sweep_follows_sequence_and_variants(capsys, tmp_path):
+def test_grid_sweep_follows_sequence_and_variants(cli, tmp_path):
     argv = ["--grids", "2x3,1x1", "--text-tokens", "40", "--output-tokens", "7", "--attention", "flash",
             "--no-plots"]
-    code, _, err = run(capsys, "sweep", "--out", str(tmp_path), *argv)
+    code, _, err = cli("sweep", "--out", str(tmp_path), *argv)
     assert code == 0, err
     points = json.load(open(tmp_path / "sweep.json"))["points"]
     for p in points:
-        code, text, _ = run(capsys, "cost", "--grid", p["grid"], *argv[2:-1], "--json")
+        code, text, _ = cli("cost", "--grid", p["grid"], *argv[2:-1], "--json")
         assert p["totals"] == json.loads(text)["totals"]
     assert points[1]["totals"]["vision.crops"]["flops"] == 0 and points[1]["num_crops"] == 0
 
@@ -153,14 +148,32 @@ def test_paper_sizes_include_a4_at_200_dpi():
     assert (s.columns["w_crop"][k], s.columns["h_crop"][k], s.columns["image_tokens"][k]) == (2, 3, 903)
 
 
-def test_folder_sweep_reads_the_samples(capsys, tmp_path):
-    code, text, err = run(capsys, "sweep", "--folder", "graphs/samples", "--out", str(tmp_path), "--json")
+def test_folder_sweep_reads_the_samples(cli, tmp_path):
+    code, text, err = cli("sweep", "--folder", "graphs/samples", "--out", str(tmp_path), "--json")
     assert code == 0, err
     assert json.loads(text)["points"] == 4
     points = {p["page"]: p for p in json.load(open(tmp_path / "sweep.json"))["points"]}
     assert (points["slide_16x9.png"]["w_crop"], points["slide_16x9.png"]["h_crop"]) == (4, 2)
     assert points["a4_page.png"]["image_tokens"] == 903 and not points["small_note.png"]["tiled"]
     assert os.path.exists(tmp_path / "cost_vs_aspect.png") and os.path.exists(tmp_path / "cost_vs_aspect.svg")
+
+
+def test_folder_sweep_reports_an_unreadable_file_and_goes_on(cli, tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    Image.new("RGB", (1654, 2339), (255, 255, 255)).save(folder / "a4.png")
+    (folder / "broken.png").write_text("not an image\n")
+    Image.new("RGB", (600, 400), (255, 255, 255)).save(folder / "small.png")
+    out = tmp_path / "out"
+    code, text, err = cli("sweep", "--folder", str(folder), "--out", str(out), "--no-plots", "--json")
+    assert code == 0, err
+    summary = json.loads(text)
+    assert summary["points"] == 2
+    assert [e["page"] for e in summary["errors"]] == ["broken.png"] and "not an image" in summary["errors"][0]["error"]
+    assert err.startswith("costgraph: skipped broken.png: ") and err.count("\n") == 1
+    data = json.load(open(out / "sweep.json"))
+    assert [p["page"] for p in data["points"]] == ["a4.png", "small.png"] and data["errors"] == summary["errors"]
+    assert data["points"][0]["image_tokens"] == 903 and not data["points"][1]["tiled"]
 
 
 def test_aspect_sweep_keeps_the_area_and_spans_the_range():
@@ -187,17 +200,33 @@ def test_native_mode_page_sweep_has_one_view():
     ["--paper-sizes", "--dpi", "0"], ["--paper-sizes", "--dpi", "high"], ["--folder", "no/such/dir"],
     ["--grids", "all", "--output-tokens", "0"], ["--grids", "all", "--mode", "huge"],
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, argv):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, tmp_path, argv):
     out = tmp_path / "o"
-    code, text, err = run(capsys, "sweep", "--out", str(out), "--no-plots", *argv)
+    code, text, err = cli("sweep", "--out", str(out), "--no-plots", *argv)
     assert code == 2 and text == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1
     assert not out.exists()
 
 
-def test_out_under_a_file_is_refused(capsys, tmp_path):
+@pytest.mark.parametrize("widths, heights", [("1:99999999999:1", "1:2:1"), ("1:5000000:1", "1:3:1")])
+def test_huge_sweep_is_refused_before_allocating(cli, tmp_path, widths, heights):
+    """10^11 widths (or 15 million pairs of fine ranges): refused from the ranges' sizes, nothing of the
+    sweep's size allocated (a width array of 10^11 would be 800 GB)."""
+    out = tmp_path / "o"
+    tracemalloc.start()
+    try:
+        code, text, err = cli("sweep", "--widths", widths, "--heights", heights, "--out", str(out), "--no-plots")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and text == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1
+    assert "points" in err and f"{SW.MAX_POINTS:,}" in err
+    assert peak < 200 * 2**20 and not out.exists()
+
+
+def test_out_under_a_file_is_refused(cli, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    code, text, err = run(capsys, "sweep", "--grids", "2x2", "--out", str(f / "sub"), "--no-plots")
+    code, text, err = cli("sweep", "--grids", "2x2", "--out", str(f / "sub"), "--no-plots")
     assert code == 2 and err.count("\n") == 1 and f.read_text() == "x"
 
 

@@ -6,39 +6,36 @@ import json
 import pytest
 
 from costgraph.app import tables
-from costgraph.app.cli import main
 from costgraph.cost import METRICS
+from graphs.deepseek_ocr import MODEL
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr.config import MODES
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_default_rows_tokens_and_views():
-    rows = tables.build_rows(tables.parse_rows(tables.DEFAULT_ROWS))
-    assert [(r.mode, r.grid) for r in rows] == [("tiny", "-"), ("small", "-"), ("base", "-"), ("large", "-"),
-                                                ("gundam", "2x2"), ("gundam", "2x3"), ("gundam", "3x3"),
-                                                ("gundam", "4x2")]
-    assert [r.image_tokens for r in rows] == [73, 111, 273, 421, 693, 903, 1203, 1093]
-    assert [r.paper_tokens for r in rows] == [64, 100, 256, 400, 656, 856, 1156, 1056]
-    assert [r.views for r in rows] == ["1x512", "1x640", "1x1024", "1x1280", "1x1024 + 4x640", "1x1024 + 6x640",
-                                       "1x1024 + 9x640", "1x1024 + 8x640"]
+    rows = tables.build_rows(tables.parse_rows(MODEL.default_table_rows))
+    cells = [{key: v for key, _, v in r.cells} for r in rows]
+    assert [(r.mode, c["grid"]) for r, c in zip(rows, cells)] == [
+        ("tiny", "-"), ("small", "-"), ("base", "-"), ("large", "-"),
+        ("gundam", "2x2"), ("gundam", "2x3"), ("gundam", "3x3"), ("gundam", "4x2")]
+    assert [c["image_tokens"] for c in cells] == [73, 111, 273, 421, 693, 903, 1203, 1093]
+    assert [c["paper_tokens"] for c in cells] == [64, 100, 256, 400, 656, 856, 1156, 1056]
+    assert [c["views"] for c in cells] == ["1x512", "1x640", "1x1024", "1x1280", "1x1024 + 4x640", "1x1024 + 6x640",
+                                           "1x1024 + 9x640", "1x1024 + 8x640"]
+    assert list(cells[0]) == ["grid", "views", "image_tokens", "paper_tokens", "valid_tokens",
+                              "valid_tokens_paper_ceil"]
     assert tables.scopes_of(rows) == list(model.scopes_for(MODES["gundam"]))
 
 
-def test_csv_equals_cost_command(capsys):
-    code, out, _ = run(capsys, "table", "--format", "csv")
+def test_csv_equals_cost_command(cli):
+    code, out, _ = cli("table", "--format", "csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 8
     for r in rows:
         argv = ["cost", "--mode", r["mode"], "--json"] + (["--grid", r["grid"]] if r["grid"] != "-" else
                                                          ["--size", "800x600"])
-        code, text, _ = run(capsys, *argv)
+        code, text, _ = cli(*argv)
         cost = json.loads(text)
         assert int(r["image_tokens"]) == cost["layout"]["image_tokens"]
         if r["grid"] != "-":  # a grid's row and `cost --grid` take the same nominal page
@@ -50,8 +47,8 @@ def test_csv_equals_cost_command(capsys):
             assert r["vision.crops:flops"] == ""  # native modes have no crop scope
 
 
-def test_markdown_shows_scaled_values(capsys):
-    code, out, _ = run(capsys, "table", "--rows", "base,gundam:2x3", "--metric", "flops")
+def test_markdown_shows_scaled_values(cli):
+    code, out, _ = cli("table", "--rows", "base,gundam:2x3", "--metric", "flops")
     assert code == 0
     rows = tables.build_rows([("gundam", (2, 3))])
     e2e = rows[0].totals["e2e"]["flops"]
@@ -64,8 +61,8 @@ def test_markdown_shows_scaled_values(capsys):
     assert "| - |" in base  # no crop scope
 
 
-def test_latex_is_booktabs_with_escaped_names(capsys):
-    code, out, _ = run(capsys, "table", "--format", "latex", "--rows", "tiny,gundam:2x3")
+def test_latex_is_booktabs_with_escaped_names(cli):
+    code, out, _ = cli("table", "--format", "latex", "--rows", "tiny,gundam:2x3")
     assert code == 0
     assert out.count(r"\begin{table}") == len(METRICS) and out.count(r"\toprule") == len(METRICS)
     assert r"\midrule" in out and r"\bottomrule" in out and r"\end{tabular}" in out
@@ -77,11 +74,11 @@ def test_latex_is_booktabs_with_escaped_names(capsys):
     assert " & -- & " in tiny
 
 
-def test_out_writes_the_file(capsys, tmp_path):
+def test_out_writes_the_file(cli, tmp_path):
     path = tmp_path / "t.csv"
-    code, out, _ = run(capsys, "table", "--format", "csv", "--out", str(path))
+    code, out, _ = cli("table", "--format", "csv", "--out", str(path))
     assert code == 0 and out.startswith("wrote ")
-    code2, direct, _ = run(capsys, "table", "--format", "csv")
+    code2, direct, _ = cli("table", "--format", "csv")
     assert path.read_text() == direct
 
 
@@ -90,6 +87,6 @@ def test_out_writes_the_file(capsys, tmp_path):
     ["--rows", ","], ["--format", "html"], ["--metric", "joules"], ["--rows", "gundam:4x3"],
     ["--out", "no/such/dir/t.md"], ["--output-tokens", "0"],
 ])
-def test_bad_input_is_one_line_exit_2(capsys, argv):
-    code, out, err = run(capsys, "table", *argv)
+def test_bad_input_is_one_line_exit_2(cli, argv):
+    code, out, err = cli("table", *argv)
     assert code == 2 and out == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1

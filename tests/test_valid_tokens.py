@@ -11,7 +11,6 @@ from hypothesis import given, settings, strategies as st
 
 from costgraph.app import sweep as SW
 from costgraph.app import tables
-from costgraph.app.cli import main
 from graphs.deepseek_ocr.config import MODES, Mode
 from graphs.deepseek_ocr.layout import (compression_ratio, layout_for, layout_for_grid, layouts_for, padded_size, valid_tokens,
                            valid_tokens_for)
@@ -47,12 +46,6 @@ def spec_valid_tokens(width, height, mode, crops_run, rounding=int):
 def counts(width, height, mode):
     v = valid_tokens(layout_for(width, height, mode), mode)
     return v["valid_tokens"], v["valid_tokens_paper_ceil"]
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- the rule -------------------------------------------------------------------------------------
@@ -163,55 +156,55 @@ def test_compression_ratio():
 
 # ---- the commands -----------------------------------------------------------------------------------
 
-def test_layout_acceptance(capsys):
-    code, out, _ = run(capsys, "layout", "--size", "1653x2339", "--json")
+def test_layout_acceptance(cli):
+    code, out, _ = cli("layout", "--size", "1653x2339", "--json")
     rec = json.loads(out)[0]
     assert code == 0 and rec["valid_tokens"] == 780 and rec["valid_tokens_paper_ceil"] == 781
     assert "compression_ratio" not in rec
 
 
-def test_layout_output_text_tokens(capsys):
-    code, out, _ = run(capsys, "layout", "--size", "1653x2339", "--size", "1170x1654", "--output-text-tokens",
+def test_layout_output_text_tokens(cli):
+    code, out, _ = cli("layout", "--size", "1653x2339", "--size", "1170x1654", "--output-text-tokens",
                        "7800", "--json")
     recs = json.loads(out)
     assert code == 0 and [r["compression_ratio"] for r in recs] == [7800 / 780, 7800 / 781]
     assert recs[0]["output_text_tokens"] == 7800 and "valid_tokens" in recs[0]["compression_ratio_basis"]
-    code, out, _ = run(capsys, "layout", "--size", "1653x2339", "--output-text-tokens", "7800")
+    code, out, _ = cli("layout", "--size", "1653x2339", "--output-text-tokens", "7800")
     header, _, row = out.splitlines()
     assert "valid tokens" in header and "valid (paper ceil)" in header and "compression (7800 / valid)" in header
     assert row.split() == ["1653x2339", "2x3", "6", "903", "856", "780", "781", "10.00"]
 
 
-def test_cost_carries_valid_tokens_and_ratio(capsys):
-    code, out, _ = run(capsys, "cost", "--size", "600x400", "--scope", "vision", "--metrics", "flops",
+def test_cost_carries_valid_tokens_and_ratio(cli):
+    code, out, _ = cli("cost", "--size", "600x400", "--scope", "vision", "--metrics", "flops",
                        "--output-text-tokens", "340", "--json")
     lay = json.loads(out)["layout"]
     assert code == 0 and (lay["valid_tokens"], lay["valid_tokens_paper_ceil"], lay["compression_ratio"]) == \
         (170, 171, 2.0)
-    code, out, _ = run(capsys, "cost", "--size", "1653x2339", "--scope", "vision", "--metrics", "flops",
+    code, out, _ = cli("cost", "--size", "1653x2339", "--scope", "vision", "--metrics", "flops",
                        "--output-text-tokens", "7800")
     assert code == 0 and "valid tokens 780 (the vendor's int rule; 781 with the paper's ceil); compression 10.00" \
         in out
-    code, out, _ = run(capsys, "cost", "--grid", "2x3", "--scope", "vision", "--metrics", "flops", "--json")
+    code, out, _ = cli("cost", "--grid", "2x3", "--scope", "vision", "--metrics", "flops", "--json")
     assert json.loads(out)["layout"]["valid_tokens"] == 770   # the grid's nominal page, 1280x1920
 
 
-def test_table_columns(capsys):
+def test_table_columns(cli):
     rows = tables.build_rows([("tiny", None), ("large", None), ("gundam", (2, 3))], metrics=("flops",),
                              output_text_tokens=1540)
     cells = [{k: v for k, _, v in r.cells} for r in rows]
     assert [(c["valid_tokens"], c["valid_tokens_paper_ceil"], c["compression_ratio"]) for c in cells] == \
         [(64, 64, 1540 / 64), (400, 400, 3.85), (770, 771, 2.0)]
-    code, out, _ = run(capsys, "table", "--rows", "base,gundam:2x3", "--metric", "flops", "--format", "csv",
+    code, out, _ = cli("table", "--rows", "base,gundam:2x3", "--metric", "flops", "--format", "csv",
                        "--output-text-tokens", "1540")
     got = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and [(r["valid_tokens"], r["valid_tokens_paper_ceil"], r["compression_ratio"]) for r in got] \
         == [("256", "256", "6.015625"), ("770", "771", "2.0")]
-    code, out, _ = run(capsys, "table", "--rows", "gundam:2x3", "--metric", "flops", "--format", "csv")
+    code, out, _ = cli("table", "--rows", "gundam:2x3", "--metric", "flops", "--format", "csv")
     assert "valid_tokens" in out.splitlines()[0] and "compression_ratio" not in out
 
 
-def test_sweep_columns(capsys, tmp_path):
+def test_sweep_columns(cli, tmp_path):
     s = SW.sweep_pages("gundam", [1653, 1170, 600], [2339, 1654, 400], metrics=("flops",), output_text_tokens=7800)
     assert s.columns["valid_tokens"].tolist() == [780, 781, 170]
     assert s.columns["valid_tokens_paper_ceil"].tolist() == [781, 782, 171]
@@ -219,7 +212,7 @@ def test_sweep_columns(capsys, tmp_path):
     s = SW.sweep_pages("base", [1, 2], [300, 300], metrics=("flops",), output_text_tokens=10)
     assert s.columns["valid_tokens"].tolist() == [0, 1]
     assert [p["compression_ratio"] for p in json.loads(s.to_json())["points"]] == [None, 10.0]
-    code, _, err = run(capsys, "sweep", "--grids", "2x3", "--output-text-tokens", "770", "--no-plots", "--out",
+    code, _, err = cli("sweep", "--grids", "2x3", "--output-text-tokens", "770", "--no-plots", "--out",
                        str(tmp_path))
     data = json.load(open(tmp_path / "sweep.json"))
     point, no_crop = data["points"][0], data["no_crop"]
@@ -238,8 +231,8 @@ def test_sweep_columns(capsys, tmp_path):
     ["table", "--rows", "tiny", "--output-text-tokens", "-1"],
     ["sweep", "--grids", "2x2", "--no-plots", "--out", "OUT", "--output-text-tokens", "-1"],
 ])
-def test_bad_output_text_tokens_is_one_line_exit_2(capsys, tmp_path, argv):
-    code, out, err = run(capsys, *[str(tmp_path / "o") if a == "OUT" else a for a in argv])
+def test_bad_output_text_tokens_is_one_line_exit_2(cli, tmp_path, argv):
+    code, out, err = cli(*[str(tmp_path / "o") if a == "OUT" else a for a in argv])
     assert code == 2 and out == "" and err.startswith("costgraph: error: ") and err.count("\n") == 1
     assert "output_text_tokens must be an integer >= 0" in err or "--output-text-tokens" in err
     assert not (tmp_path / "o").exists()

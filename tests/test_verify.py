@@ -5,7 +5,6 @@ import re
 import pytest
 import torch
 
-from costgraph.app.cli import main
 from costgraph.graph import CostGraph
 from graphs.deepseek_ocr import assembly as model
 from graphs.deepseek_ocr import vision
@@ -151,10 +150,10 @@ def test_cpu_forward_counts_attention_and_matches_graph():
 
 # ---- the command line --------------------------------------------------------------------
 
-def test_cli_json_and_markdown_report(capsys, tmp_path):
+def test_cli_json_and_markdown_report(cli, tmp_path):
     out = tmp_path / "verify.md"
-    code = main(["verify", "--grid", "2x3", "--json", "--report", str(out)])
-    data = json.loads(capsys.readouterr().out)
+    code, text, _ = cli("verify", "--grid", "2x3", "--json", "--report", str(out))
+    data = json.loads(text)
     assert code == 0 and data["ok"] and data["nodes_compared"] == 2 * PER_VIEW_COSTED + 1
     sub = {r["node"]: r for r in data["results"][0]["subtotals"]}
     assert sub["vision.crops"]["measured"] == count_views(640, 6).get_total_flops()
@@ -162,7 +161,7 @@ def test_cli_json_and_markdown_report(capsys, tmp_path):
     assert text.startswith("# costgraph verify") and "**PASS**" in text and "| vision.crops | flops |" in text
 
 
-def test_cli_exit_1_and_failing_rows_on_mismatch(capsys, monkeypatch):
+def test_cli_exit_1_and_failing_rows_on_mismatch(cli, monkeypatch):
     import verify.runner as runner
 
     real = runner.measure_page
@@ -174,6 +173,5 @@ def test_cli_exit_1_and_failing_rows_on_mismatch(capsys, monkeypatch):
         return measured, seq
 
     monkeypatch.setattr(runner, "measure_page", skewed)
-    code = main(["verify", "--grid", "1x1"])
-    out = capsys.readouterr().out
+    code, out, _ = cli("verify", "--grid", "1x1")
     assert code == 1 and "FAIL" in out and "vision.global.projector" in out and "mismatch" in out

@@ -7,6 +7,7 @@ real structure; full width runs in `python -m verify.vit`). The closed form is c
 hand count of the architecture, and the commits that added the model against the engine.
 """
 import copy
+import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -129,7 +130,12 @@ def test_closed_form_matches_a_hand_count():
 
 
 def test_symbols_are_the_engines_and_token_counts():
-    assert S.image_size == engine_symbols.image_size and S.patch_size == engine_symbols.patch_size
+    # one symbol per name across the project: the engine's registry holds ViT's, DeepSeek-OCR's are the same
+    from graphs.deepseek_ocr import symbols as ocr_symbols
+
+    assert engine_symbols.SYMBOLS["image_size"].symbol is S.image_size
+    assert engine_symbols.SYMBOLS["patch_size"].symbol is S.patch_size
+    assert ocr_symbols.image_size == S.image_size and ocr_symbols.patch_size == S.patch_size
     assert S.dtype_bytes is engine_symbols.dtype_bytes
     assert num_tokens().subs({S.image_size: 224, S.patch_size: 16}) == 197
     assert num_tokens(384, 16) == 577 and num_tokens(200, 16) == 145
@@ -143,16 +149,48 @@ def _git(*args) -> str:
 
 
 def test_commits_adding_the_model_do_not_touch_the_engine():
-    """Every commit since the branch point that touches the ViT files leaves costgraph/ alone (checked
-    per commit, so the test still holds after a merge brings other engine changes)."""
+    """The engine diff for adding the model is empty: the commit(s) that added the ViT graph add files
+    under graphs/vit and touch nothing under costgraph/ (later commits, a restructuring that moves files
+    across floors, may touch both)."""
     try:
         _git("cat-file", "-e", f"{BASE}^{{commit}}")
     except (OSError, subprocess.CalledProcessError):
         pytest.skip(f"no git history with {BASE}")
-    commits = _git("log", "--format=%H", f"{BASE}..HEAD", "--", "graphs/vit", "verify/vit.py",
-                   "tests/test_vit.py").split()
+    commits = _git("log", "--format=%H", "--diff-filter=A", f"{BASE}..HEAD", "--", "graphs/vit/graph.py").split()
     if not commits:
         pytest.skip("the ViT package is not committed yet")
     for c in commits:
-        touched = _git("diff-tree", "--no-commit-id", "--name-only", "-r", c).split()
+        touched = _git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", c).split()
+        assert "graphs/vit/graph.py" in touched, (c, touched)       # the commit found is the one adding it
         assert not [f for f in touched if f.startswith("costgraph/")], (c, touched)
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+def test_verify_command_runs_the_vit_against_transformers(cli):
+    """`costgraph --model vit verify --size SxS` compares the ViT-B/16 graph with transformers' model on
+    meta; the totals equal a hand count at S = 64 (k = 4 patches a side, N = 17 tokens)."""
+    code, out, err = cli("--model", "vit", "verify", "--size", "64x64", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["ok"] and res["failing"] == 0 and res["nodes_compared"] == 1 + 12 * 7 + 1
+    sub = {(r["node"], r["metric"]): r for r in res["results"][0]["subtotals"]}
+    d, L, m, N = 768, 12, 3072, 4 ** 2 + 1
+    embeddings = 2 * d * 4 ** 2 * 3 * 16 ** 2
+    encoder = L * (2 * N * d * d * 4 + 2 * N * d * m * 2 + 2 * 2 * N * N * d)
+    head = 2 * d * 1000
+    assert {k: (sub[(k, "flops")]["predicted"], sub[(k, "flops")]["measured"])
+            for k in ("vit", "vit.embeddings", "vit.encoder", "vit.head")} == \
+        {"vit": (embeddings + encoder + head,) * 2, "vit.embeddings": (embeddings,) * 2,
+         "vit.encoder": (encoder,) * 2, "vit.head": (head,) * 2}
+    # ViT-B/16 has 86,567,656 parameters at 224 (197 position rows); the reference built for 64 has 17
+    assert sub[("vit", "params")]["measured"] == sub[("vit", "params")]["predicted"] == 86_567_656 - (197 - N) * d
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--size", "224x200"], "square"),
+    (["--grid", "2x3"], "--size SxS"),
+])
+def test_verify_command_refuses_what_the_vit_has_not(cli, argv, words):
+    code, out, err = cli("--model", "vit", "verify", *argv)
+    assert code == 2 and out == "" and err.startswith("costgraph: error: ") and words in err

@@ -49,9 +49,10 @@ def text(comps: list[Comparison], footer: str = "") -> str:
     lines = []
     if len(comps) == 1:
         c = comps[0]
-        lay = c.info.get("layout", {})
-        lines.append(f"{c.title}: mode {c.info.get('mode')}, {lay.get('num_crops', 0)} crops, "
-                     f"device {c.info.get('device')}")
+        lay = c.info.get("layout")
+        parts = ([f"mode {c.info['mode']}"] if c.info.get("mode") else []) + \
+            ([f"{lay.get('num_crops', 0)} crops"] if lay is not None else []) + [f"device {c.info.get('device')}"]
+        lines.append(f"{c.title}: " + ", ".join(parts))
         lines.append(table([_row_cells(r)[:6] for r in c.subtotals], ROW_HEADER[:6]))
     else:
         header, rows = _overview(comps)

@@ -30,7 +30,7 @@ from torch._decomp import decomposition_table
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from costgraph import symbols as S
+from graphs.deepseek_ocr import symbols as S
 from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import MODES, Mode
 from graphs.deepseek_ocr.layout import crops_run

@@ -33,13 +33,17 @@ def graph_parts(graph, root: str, dtype: str) -> dict[str, tuple[int, int]]:
     """(params, weight bytes) per part of the resident weights under `root` (vision or decoder)."""
     out: dict[str, list] = defaultdict(lambda: [0, 0])
     dv = model_graph.dtype_values(dtype)
-    # weights hold the (symbolic) SAM patch size; the checkpoint's is the config's
-    count = lambda e, extra=None: substitute(e, {**model_graph.mode_values(MODES["gundam"]), **(extra or {})})
     for (r, path), w in P.by_module(graph, graph.nodes(root), executed_only=False).items():
         slot = out[_part(path)]
         slot[0] += count(w.count)
         slot[1] += count(w.nbytes, dv)
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def count(expr, values: dict | None = None) -> int:
+    """A parameter count or weight bytes as an integer: the weights hold the (symbolic) SAM patch size;
+    the checkpoint's is the config's (any mode's values give it)."""
+    return substitute(expr, {**model_graph.mode_values(MODES["gundam"]), **(values or {})})
 
 
 def _count(params) -> tuple[int, int]:

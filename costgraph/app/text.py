@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from costgraph.cost import METRICS
+from costgraph.hardware import PRESETS, get_hardware, names
 from costgraph.stages import DERIVED
 
 EXIT_BAD_INPUT = 2
@@ -68,8 +69,6 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 
 def parse_hardware(text: str | None, dtype: str) -> list:
     """--hardware NAME[,NAME...] or all (presets; `this-machine` calibrates now)."""
-    from costgraph.hardware import PRESETS, get_hardware, names
-
     if not text:
         return []
     items = [t.strip() for t in text.split(",") if t.strip()]

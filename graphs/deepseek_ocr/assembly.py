@@ -16,6 +16,7 @@ from . import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
 from costgraph.ops import more_than_one
+from graphs.pages import open_page
 from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
@@ -145,8 +146,6 @@ def scopes_for(mode: Mode | None, lm: bool = True) -> tuple[str, ...]:
 
 
 def layout_for_image(path: str, mode: Mode, max_num: int = MAX_CROPS) -> Layout:
-    from graphs.pages import open_page
-
     with open_page(path) as img:
         return layout_for(img.width, img.height, mode, max_num=max_num)
 
