@@ -294,6 +294,7 @@ class AlignedRule:
     unit_value: int
     released: object = None      # callable(step px, sizes) -> str
     latex_names: dict | None = None
+    values: dict | None = None   # the model's released values of the unit and other constants (for the words)
 
     def multiple(self, expr: sp.Expr):
         """lcm of the divisors applied to the grid S/unit inside floors and ceilings (None: none found)."""
@@ -319,12 +320,16 @@ class AlignedRule:
             raise ValueError(f"grid multiple must be a positive integer, got {m}")
         names = " and ".join(s.name for s in sizes)
         texnames = ", ".join(S.latex_name(s, self.latex_names) for s in sizes)
-        step = int(m) * self.unit_value
-        released = f"; holds for {self.released(step, sizes)}" if self.released else ""
+        # the multiple may hold another of the model's constants (a downsampling ratio): its values give the px
+        step = sp.sympify(m * self.unit).subs(self.values or {self.unit: self.unit_value})
+        where = f"multiples of {int(step)} px" if step.is_Integer else f"multiples of {render.plain(step)} px"
+        if step.is_Integer and self.released:
+            where += f"; holds for {self.released(int(step), sizes)}"
+        grid = self.unit.name.split("_")[0]
         a = Assumption(f"aligned-{m}",
-                       f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the {self.unit.name.split('_')[0]} grid S/{self.unit.name} "
-                       f"is a multiple of {render.plain(m)} and its floors/ceilings are exact (with {self.unit.name} "
-                       f"{self.unit_value}: multiples of {step} px{released})",
+                       f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the {grid} grid S/{self.unit.name} "
+                       f"is a multiple of {render.plain(m)} and its floors/ceilings are exact (with the released "
+                       f"values: {where})",
                        rf"{texnames} \in {render.latex(m * self.unit, self.latex_names)}\,\mathbb{{N}}")
         return self._aligned(expr, m), a, m
 

@@ -281,7 +281,8 @@ FORM_RULES = (
                                "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR prompt: "
                                "k*L >= 6*74 > 64)", r"\min(E, kL) = E"),
     forms.AlignedRule(S.SIZES, S.patch_size, VISION.patch_size, _released,
-                      {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}),
+                      {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"},
+                      {S.patch_size: VISION.patch_size, S.downsample_ratio: VISION.downsample_ratio}),
 )
 
 STRUCTURE_NOTE = ("The crop branch runs w_crop*h_crop times; the layout 1x1 (a page within 640x640) means no crops, "
