@@ -23,8 +23,18 @@ def mode_arg(q, default=None) -> None:
     q.add_argument("--mode", default=default, help="a mode of the model (default: the model's, e.g. gundam)")
 
 
+def _max_num(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise UserError(f"--max-num must be an integer, got {text!r}") from None
+    if not 2 <= n <= 64:  # the vendor's candidate grids start at 2 tiles (min_num)
+        raise UserError(f"--max-num must be from 2 (the vendor's min_num) to 64, got {n}")
+    return n
+
+
 def max_num_arg(q) -> None:
-    q.add_argument("--max-num", type=int, default=9, help="most crops (HF 9, vLLM 6)")
+    q.add_argument("--max-num", type=_max_num, default=9, help="most crops (HF 9, vLLM 6; 2 to 64)")
 
 
 def variant_args(q) -> None:

@@ -1,5 +1,4 @@
-"""`costgraph`: layouts, costs, closed forms, tables, sweeps, roofline and verification of a model's
-cost graph (DeepSeek-OCR by default; `--model` chooses another).
+"""costgraph: exact costs of a model from its cost graph: layouts, costs, closed forms, tables, sweeps, roofline and verification (DeepSeek-OCR by default; --model vit for the ViT).
 
 Bad input never produces a traceback: one line on stderr and exit code 2. A batch (`layout` with
 many sizes) reports its bad items and finishes the rest.
@@ -9,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from costgraph import forms, stages
@@ -238,9 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# options whose value is a size: `--size -1x5` must reach parse_size (and its "positive" message), not
+# be taken by argparse for an unknown option
+SIZE_OPTIONS = ("--size", "--grid", "--area")
+_SIZE_LIKE = re.compile(r"-?\d+\s*[xX]\s*-?\d+")
+
+
+def _join_size_values(argv: list[str]) -> list[str]:
+    out = []
+    for k, tok in enumerate(argv):
+        if k and argv[k - 1] in SIZE_OPTIONS and tok.startswith("-") and _SIZE_LIKE.fullmatch(tok):
+            out[-1] = f"{argv[k - 1]}={tok}"
+            continue
+        out.append(tok)
+    return out
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:  # a bare `costgraph`: what it can do
+        parser.print_help()
+        return 0
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(_join_size_values(argv))
         return args.fn(args)
     except BrokenPipeError:  # `costgraph graph | head`: the reader left; end quietly like Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -17,7 +17,7 @@ from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
 from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
-from .args import model_arg
+from .args import max_num_arg, model_arg
 from .models import get_model
 from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
 
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                    "decoder, e2e (default: %(default)s)")
     _add_lm_arguments(q)
     _add_metric_arguments(q)
-    q.add_argument("--max-num", type=int, default=MAX_CROPS, help="most crops (HF 9, vLLM 6)")
+    max_num_arg(q)
     q.add_argument("--json", action="store_true", help="JSON on stdout")
     q.add_argument("--report", metavar="FILE.md", help="also write a Markdown report (atomically)")
     q.set_defaults(fn=cmd_verify)
@@ -101,8 +101,6 @@ def _request(args):
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
     else:
         modes = [get_mode(args.mode)]
-    if args.max_num < 2:
-        raise UserError(f"--max-num must be at least 2, got {args.max_num}")
     if args.image and not os.path.isfile(args.image):
         raise UserError(f"no such image file: {args.image}")
     groups, compared = _metrics(args)
