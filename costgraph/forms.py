@@ -28,10 +28,12 @@ import sympy as sp
 
 from . import render, stages
 from .dtypes import DEFAULT_STORAGE, storage_values
-from .stages import over_max
+from .liveness import undominated
+from .maxima import over_max
 from . import symbols as S
 
 FORMS = ("general", "simplified", "coefficients")
+LATEX_PREAMBLE = render.FORMULA_PREAMBLE   # what every form's LaTeX needs: amsmath only
 
 
 @dataclass(frozen=True)
@@ -108,31 +110,128 @@ class Form:
         sup = rf"^{{\mathrm{{{_tex(self.mode)}}}}}" if self.mode else ""
         return rf"\mathrm{{{_tex(self.metric)}}}{sup}_{{\mathrm{{{_tex(self.scope)}}}}}"
 
-    def latex(self) -> str:
-        cond = ",\\ ".join(a.latex for a in self.assumptions)
-        cond = rf"\qquad \text{{for }} {cond}" if cond else ""
-        if self.kind == "general":
-            return f"{self.lhs_latex()} = {render.latex(self._closed(), self.names)}"
+    def latex(self, text_width: float | None = render.TEXT_WIDTH) -> str:
+        """The form for a paper (amsmath only: `LATEX_PREAMBLE`), to set in a display (\\[ ... \\]).
+
+        A form wider than `text_width` pt (default: the article class's \\textwidth) is broken at its
+        terms into an `aligned` block, continuation lines indented; None or 0 keeps one line. A peak is
+        one candidate per line (each broken the same way), coefficients one term per line."""
+        conds = [a.latex for a in self.assumptions]
+        width = float(text_width or 0) * _SLACK
+        if self.kind == "general" and not (width and len(self.pieces) > 1):
+            return self._sum_latex(render.latex(self._closed(), self.names), [], width)
         if len(self.pieces) > 1:
-            # a peak: the max of its candidates, one per line
-            rows = [render.latex_sum(render.latex_terms([(t.monomial, t.coefficient) for t in self.terms(p)],
-                                                        self.term_symbols, self.names)) for p in self.pieces]
-            lines = [rf"{self.lhs_latex()} = \max\bigl(&{rows[0]},"] + [rf"&{r}," for r in rows[1:-1]] + \
-                [rf"&{rows[-1]}\bigr)"] + ([rf"&{cond}"] if cond else [])
-            return "\\begin{aligned}\n" + " \\\\\n".join(lines) + "\n\\end{aligned}"
+            if self.kind == "general":
+                cands = [render.latex(render.closed_form(p, self.term_symbols, [g for g, _ in self.term_groups]),
+                                      self.names) for p in self.pieces]
+            else:
+                cands = [render.latex_sum(render.latex_terms([(t.monomial, t.coefficient) for t in self.terms(p)],
+                                                             self.term_symbols, self.names)) for p in self.pieces]
+            return self._peak_latex(cands, conds, width)
         terms = self.terms()
         parts = render.latex_terms([(t.monomial, t.coefficient) for t in terms], self.term_symbols, self.names)
         if self.kind == "simplified":
-            return f"{self.lhs_latex()} = {render.latex_sum(parts)} {cond}".rstrip()
+            return self._sum_latex(render.latex_sum(parts), conds, width)
         # coefficients: one term per line, named
+        head = f"{self.lhs_latex()} ={{}}"
+        bodies = [("-" if sign == "-" and k == 0 else (f"{sign} " if k else "")) + body
+                  for k, (sign, body) in enumerate(parts)]
+        names = [rf"\text{{{_tex_text(t.name)}}}" for t in terms]
+        wide = width and render.tex_width(head) + max(map(render.tex_width, bodies)) + _COLUMN_GAP + \
+            max(map(render.tex_width, names)) > width
         lines = []
-        for k, ((sign, body), t) in enumerate(zip(parts, terms)):
-            lead = (f"{self.lhs_latex()} ={{}}& " if k == 0 else "&") + \
-                   ("-" if sign == "-" and k == 0 else (f"{sign} " if k else ""))
-            lines.append(rf"{lead}{body} && \text{{{_tex_text(t.name)}}}")
-        if cond:
-            lines.append(rf"&{cond}")
+        if wide:   # the left-hand side on a line of its own, overlapping nothing
+            lines.append(rf"\rlap{{$\displaystyle {head}$}}")
+        for k, (body, name) in enumerate(zip(bodies, names)):
+            lead = "&\\quad " if wide else (f"{head}& " if k == 0 else "&")
+            lines.append(rf"{lead}{body} && {name}")
+        lines += self._cond_lines(conds, (width - (0 if wide else render.tex_width(head))) if width else float("inf"))
         return "\\begin{aligned}\n" + " \\\\\n".join(lines) + "\n\\end{aligned}"
+
+    def legend(self, package: str | None = None) -> list[tuple[str, str, str]]:
+        """(LaTeX, plain name, meaning) of what the LaTeX shows: the left-hand side, every symbol (the
+        model's own LaTeX; `package`, the model's package, picks its own words) and every named 0/1
+        factor."""
+        sizes = f"the {self.mode} mode's sizes" if self.mode else "sizes symbolic"
+        out = [(self.lhs_latex(), f"{self.metric}[{self.scope}]", f"{self.metric} over the scope {self.scope}, {sizes}")]
+        syms = {s for s in self.expr.free_symbols if isinstance(s, sp.Symbol)}
+        for s in [s for s in self.term_symbols if s in syms] + sorted(syms - set(self.term_symbols), key=str):
+            out.append((S.latex_name(s, self.names), s.name, S.doc(s, package)))
+        for ind in S.INDICATORS.values():
+            if self.expr.has(ind.expr):
+                out.append((ind.latex, ind.name, "Iverson bracket: 1 when the condition holds, else 0"))
+        return out
+
+    def _head(self, lead: str, width: float, whole: float, piece: float) -> tuple[str, str, float]:
+        """(first line's start, later lines' start, room after the alignment point): the left-hand side
+        before the alignment point where the widest unbreakable `piece` still fits after it (and it is
+        short, or the widest `whole` line fits), else on a line of its own."""
+        head = f"{self.lhs_latex()} = {lead}".rstrip()
+        hw = render.tex_width(head)
+        if hw + piece + 10 <= width and (hw <= width * 0.4 or hw + whole <= width):
+            return head + "&", "&", width - hw
+        return rf"&{head}\\" + "\n&\\qquad ", "&\\qquad ", width - 20
+
+    def _cond_widths(self, conds) -> list[float]:
+        """Each assumption's width on a line of its own (a line never breaks inside one)."""
+        return [render.tex_width(r"\qquad \text{for } " + c + ",") for c in conds]
+
+    def _cond_lines(self, conds, room: float) -> list[str]:
+        """The assumptions after the form, as many a line as fit."""
+        if not conds:
+            return []
+        lead, more = r"\qquad \text{for } ", r"\qquad "
+        lines, cur = [], []
+        for c in conds:
+            if cur and render.tex_width(lead + _AND.join(cur + [c])) > room:
+                lines.append(_AND.join(cur) + ",")
+                cur = []
+            cur.append(c)
+        lines.append(_AND.join(cur))
+        return [f"&{lead if k == 0 else more}{l}" for k, l in enumerate(lines)]
+
+    def _sum_latex(self, body: str, conds, width: float) -> str:
+        one = f"{self.lhs_latex()} = {body}"
+        if conds:
+            one += rf" \qquad \text{{for }} {_AND.join(conds)}"
+        if not width or render.tex_width(one) <= width:
+            return one
+        first, later, room = self._head("{}", width, render.tex_width(body),
+                                        max([render.widest_term(body)] + self._cond_widths(conds)))
+        lines = render.break_sum(body, room, room - 10)
+        rows = [first + lines[0]] + [rf"{later}\quad {l}" for l in lines[1:]]
+        rows += self._cond_lines(conds, room)
+        return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
+
+    def _peak_latex(self, sums, conds, width: float) -> str:
+        """A peak: the max of its candidates (LaTeX `sums`), one per line; with a width, candidates of
+        one term share a line and long ones are broken at terms."""
+        if not width:
+            rows = [rf"{self.lhs_latex()} = \max\bigl(&{sums[0]},"] + [rf"&{r}," for r in sums[1:-1]] + \
+                [rf"&{sums[-1]}\bigr)"] + ([rf"&\qquad \text{{for }} {_AND.join(conds)}"] if conds else [])
+            return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
+        first, later, room = self._head(r"\max\bigl(", width, max(map(render.tex_width, sums)) + 8,
+                                        max([render.widest_term(s) + 8 for s in sums] + self._cond_widths(conds)))
+        lines, packed = [], []      # lines of the candidates; packed: short candidates waiting for a line
+        for k, s in enumerate(sums):
+            end = r"\bigr)" if k == len(sums) - 1 else ","
+            if packed and (render.term_count(s) > 1 or render.tex_width(" ".join(packed + [s + end])) > room):
+                lines.append(" ".join(packed))
+                packed = []
+            if render.term_count(s) == 1 and render.tex_width(s + end) <= room:
+                packed.append(s + end)
+                continue
+            if packed:
+                lines.append(" ".join(packed))
+                packed = []
+            parts = render.break_sum(s, room - 8, room - 18)
+            lines += [(r"\quad " if j else "") + part for j, part in enumerate(parts)]
+            lines[-1] += end
+        if packed:
+            lines.append(" ".join(packed))
+        rows = [(first if j == 0 else later) + line for j, line in enumerate(lines)]
+        rows += self._cond_lines(conds, room)
+        return "\\begin{aligned}\n" + " \\\\\n".join(rows) + "\n\\end{aligned}"
 
     def plain(self) -> str:
         mode = f" ({self.mode})" if self.mode else ""
@@ -165,9 +264,9 @@ class Form:
         lines += [f"otherwise, {case}: {render.plain(v)}" for case, v in self.otherwise]
         return lines + list(self.notes)
 
-    def to_json(self) -> dict:
+    def to_json(self, text_width: float | None = render.TEXT_WIDTH) -> dict:
         out = {"form": self.kind, "mode": self.mode, "scope": self.scope, "metric": self.metric,
-               "expression": render.plain(self.expr), "latex": self.latex(),
+               "expression": render.plain(self.expr), "latex": self.latex(text_width),
                "symbols": sorted(s.name for s in self.expr.free_symbols),
                "polynomial": self.is_polynomial,
                "assumptions": [{"name": a.name, "words": a.words, "latex": a.latex} for a in self.assumptions],
@@ -181,6 +280,11 @@ class Form:
             else:
                 out["terms"] = terms(None)
         return out
+
+
+_AND = ",\\ "          # between the assumptions of a form
+_SLACK = 0.95          # the width estimates are within 5 % of TeX's
+_COLUMN_GAP = 20.0     # between the column pairs of an aligned block (a term and its name)
 
 
 def _approx(x) -> str:
@@ -300,8 +404,11 @@ class AlignedRule:
         """lcm of the divisors applied to the grid S/unit inside floors and ceilings (None: none found)."""
         sizes = [s for s in self.sizes if expr.has(s)]
         grids = {s: sp.Dummy(f"g_{s.name}", integer=True, positive=True) for s in sizes}
-        e = expr.subs({s: self.unit * g for s, g in grids.items()})
-        divisors = [sp.fraction(sp.together(atom.args[0]))[1] for atom in e.atoms(sp.floor, sp.ceiling)
+        # only the floors and ceilings matter: rewrite those, never the whole (maybe a peak's Max) expression
+        atoms = [a.xreplace({s: self.unit * g for s, g in grids.items()}) for a in expr.atoms(sp.floor, sp.ceiling)]
+        divisors = [sp.fraction(sp.together(atom.args[0]))[1]
+                    for e in atoms for atom in ([e] if isinstance(e, (sp.floor, sp.ceiling)) else
+                                                e.atoms(sp.floor, sp.ceiling))
                     if atom.free_symbols & set(grids.values())]
         if not divisors:
             return None
@@ -330,14 +437,16 @@ class AlignedRule:
                        f"{names} are multiples of {render.plain(m)}*{self.unit.name}, so the {grid} grid S/{self.unit.name} "
                        f"is a multiple of {render.plain(m)} and its floors/ceilings are exact (with the released "
                        f"values: {where})",
-                       rf"{texnames} \in {render.latex(m * self.unit, self.latex_names)}\,\mathbb{{N}}")
+                       rf"{texnames} \in \{{{render.latex(m * self.unit, self.latex_names)}, "
+                       rf"{render.latex(2 * m * self.unit, self.latex_names)}, \dots\}}")   # amsmath only
         return self._aligned(expr, m), a, m
 
     def _aligned(self, expr, m):
         sizes = [s for s in self.sizes if expr.has(s)]
         ks = {s: sp.Dummy(f"k_{s.name}", integer=True, positive=True) for s in sizes}
-        return over_max(expr, lambda e: e.subs({s: m * self.unit * k for s, k in ks.items()})
-                        .subs({k: s / (m * self.unit) for s, k in ks.items()}))
+        # sizes as m*unit*k with k an integer: the floors and ceilings evaluate as the tree is rebuilt
+        return over_max(expr, lambda e: e.xreplace({s: m * self.unit * k for s, k in ks.items()})
+                        .xreplace({k: s / (m * self.unit) for s, k in ks.items()}))
 
 
 # ---- the forms ------------------------------------------------------------------
@@ -410,23 +519,8 @@ def _leaves(expr: sp.Expr) -> list[sp.Expr]:
     return [expr]
 
 
-def _dominates(a: sp.Expr, b: sp.Expr, gens) -> bool:
-    """a >= b for every value of the (positive) term symbols: every coefficient of a - b is >= 0."""
-    d = sp.expand(a - b)
-    used = [g for g in gens if d.has(g)]
-    if not used:
-        return bool(d.is_nonnegative)
-    try:
-        coeffs = sp.Poly(d, *used).coeffs()
-    except sp.PolynomialError:
-        return False
-    return all(c.is_nonnegative for c in coeffs)
-
-
 def _max_of_undominated(expr: sp.Expr, gens) -> sp.Expr:
     """A peak as the max of the candidates no other candidate dominates (their max is the same)."""
-    leaves = list(dict.fromkeys(_leaves(expr)))
-    keep = [a for i, a in enumerate(leaves)
-            if not any(j != i and _dominates(b, a, gens) and (not _dominates(a, b, gens) or j < i)
-                       for j, b in enumerate(leaves))]
+    leaves = list(dict.fromkeys(sp.expand(x) for x in _leaves(expr)))
+    keep = [e for e, _ in undominated([(e, "") for e, in zip(leaves)])]
     return keep[0] if len(keep) == 1 else sp.Max(*keep, evaluate=False)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 import networkx as nx
 import sympy as sp
@@ -134,28 +135,43 @@ class CostGraph:
         return _sum(own + kids)
 
     # ---- export ------------------------------------------------------------------
-    def to_json(self) -> dict:
-        """Node-link JSON with every expression as a string."""
+    def to_json(self, values: Mapping[sp.Symbol, int] | None = None, info: Mapping | None = None) -> dict:
+        """Node-link JSON with every expression as a string.
+
+        `values`: symbol values substituted into every expression first (e.g. a configuration's
+        sizes). The "graph" section records them ("substituted"), the symbols every expression
+        may still hold ("free_symbols"; a summed scope's index is in its "sum_over", not there),
+        and `info` (what the export is of)."""
+        rule = {k: sp.sympify(v) for k, v in (values or {}).items()}
+        free: set = set()
+
+        def s(v) -> str:
+            return str(_subbed(v, rule, free))
+
         data = nx.node_link_data(self.g, edges="edges")
         for n in data["nodes"]:
-            n["cost"] = {m: str(e) for m, e in n["cost"].as_dict().items()}
-            n["in_shapes"] = [[str(d) for d in s] for s in n["in_shapes"]]
-            n["out_shape"] = [str(d) for d in n["out_shape"]]
-            n["out_itemsize"] = str(n["out_itemsize"])
-            n["in_itemsizes"] = [str(i) for i in n["in_itemsizes"]]
+            n["cost"] = {m: s(e) for m, e in n["cost"].as_dict().items()}
+            n["in_shapes"] = [[s(d) for d in sh] for sh in n["in_shapes"]]
+            n["out_shape"] = [s(d) for d in n["out_shape"]]
+            n["out_itemsize"] = s(n["out_itemsize"])
+            n["in_itemsizes"] = [s(i) for i in n["in_itemsizes"]]
             w = n.pop("weights")
-            n["params"], n["weight_bytes"] = str(w.count), str(w.nbytes)
-            n["attrs"] = {k: str(v) for k, v in n["attrs"].items()}
-        data["graph"] = {"name": self.name, "params": {k: str(v) for k, v in self.params.items()}}
+            n["params"], n["weight_bytes"] = s(w.count), s(w.nbytes)
+            n["attrs"] = {k: s(v) for k, v in n["attrs"].items()}
         data["scopes"] = [
-            {"name": s.name, "multiplicity": str(s.multiplicity),
-             "sum_over": [str(x) for x in s.sum_over] if s.sum_over else None, "doc": s.doc}
-            for s in self.scopes.values()
+            {"name": sc.name, "multiplicity": s(sc.multiplicity),
+             "sum_over": [s(x) for x in sc.sum_over] if sc.sum_over else None, "doc": sc.doc}
+            for sc in self.scopes.values()
         ]
+        free -= {sc.sum_over[0] for sc in self.scopes.values() if sc.sum_over}
+        data["graph"] = {"name": self.name, **(info or {}),
+                         "params": {k: str(v) for k, v in self.params.items()},
+                         "substituted": {str(k): str(v) for k, v in rule.items()},
+                         "free_symbols": sorted(str(x) for x in free)}
         return data
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=1)
+    def dumps(self, values: Mapping[sp.Symbol, int] | None = None, info: Mapping | None = None) -> str:
+        return json.dumps(self.to_json(values, info), indent=1)
 
 
 class ScopeBuilder:
@@ -184,10 +200,26 @@ def _formula_attrs(kind: str, attrs: dict) -> dict:
     return {k: v for k, v in attrs.items() if k not in node_data or k in named}
 
 
+def _subbed(v, rule: dict, free: set):
+    """`v` with `rule` substituted in every expression (a tuple's too); their symbols added to `free`."""
+    if type(v) in (tuple, list):
+        return type(v)(_subbed(x, rule, free) for x in v)
+    if not isinstance(v, sp.Basic):
+        return v
+    v = v.xreplace(rule) if rule else v
+    free |= v.free_symbols
+    return v
+
+
 def _sum(costs: list[Cost]) -> Cost:
     """The sum of many costs as one sympy Add per metric (adding pairwise re-flattens the running
-    sum every time: quadratic in the number of nodes)."""
-    return Cost(**{m: sp.Add(*[getattr(c, m) for c in costs]) for m in METRICS})
+    sum every time: quadratic in the number of nodes). Repeated layers give equal expressions:
+    each distinct one enters the Add once, times its count."""
+    out = {}
+    for m in METRICS:
+        counts = Counter(getattr(c, m) for c in costs)
+        out[m] = sp.Add(*[e if n == 1 else n * e for e, n in counts.items()])
+    return Cost(**out)
 
 
 def within(scope: str, prefix: str) -> bool:

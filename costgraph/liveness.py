@@ -31,7 +31,7 @@ numpy arrays (`costgraph.evaluate.Compiled`: lambdified once, vectorised), never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import sympy as sp
@@ -145,23 +145,41 @@ def liveness(graph, scope: str, keep_timeline: bool = False) -> Peak:
     for b, i in last.items():
         if i != END:
             frees.setdefault(int(i), []).append(b)
-    live: dict[str, sp.Expr] = {}
-    seen: dict[sp.Expr, str] = {}
+    # The live total is kept as a table of terms (monomial -> coefficient), updated as tensors are
+    # born and freed: the same sum sympy's Add would form, without re-flattening every live tensor
+    # at every step (minutes on a whole model).
+    live: dict[str, dict] = {}
+    total: dict = {}
+    seen: dict[frozenset, tuple[dict, str]] = {}
     timeline = []
+
+    def change(terms: dict, sign: int) -> None:
+        for m, c in terms.items():
+            v = total.get(m, 0) + sign * c
+            if v == 0:
+                total.pop(m, None)
+            else:
+                total[m] = v
+
     for i, n in enumerate(order):
         if base[n] == n:
-            live[n] = size[n]
+            live[n] = _terms(size[n])
+            change(live[n], 1)
         if base[n] == n or i in frees:
-            expr = sp.Add(*live.values())
+            key = frozenset(total.items())
+            if key not in seen:
+                seen[key] = (dict(total), n)
             if keep_timeline:
-                timeline.append((n, expr))
-            seen.setdefault(expr, n)
+                timeline.append((n, _expr(total)))
         for b in frees.get(i, ()):
-            live.pop(b, None)
+            if b in live:
+                change(live.pop(b), -1)
         if i in replaced:
-            live[f"released:{n}"] = -replaced[i]
+            live[f"released:{n}"] = _terms(-replaced[i])
+            change(live[f"released:{n}"], 1)
     factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
-    cands = _undominated(list(seen.items())) or [(sp.Integer(0), order[-1] if order else "")]
+    kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
+    cands = [(_expr(t), n) for t, _, n in kept] or [(sp.Integer(0), order[-1] if order else "")]
     return Peak(scope, factor, cands, len(order), timeline)
 
 
@@ -174,34 +192,60 @@ def _first_input(graph, node: str) -> str:
     return next(iter(graph.g.predecessors(node)))
 
 
-def _nonnegative(d: sp.Expr) -> bool:
-    """True when d >= 0 for every value of its (positive) symbols: a sum of non-negative terms.
-    `d` must be expanded (a difference of expanded expressions is: sympy combines like terms)."""
-    if d.is_number:
-        return bool(d >= 0)
-    for term in sp.Add.make_args(d):
+def _terms(e: sp.Expr) -> dict:
+    """An expanded expression as {monomial: numeric coefficient} (its terms, like terms combined)."""
+    out: dict = {}
+    for term in sp.Add.make_args(e):
         coeff, rest = term.as_coeff_Mul()
-        if coeff < 0:
+        out[rest] = out.get(rest, 0) + coeff
+    return out
+
+
+@lru_cache(maxsize=None)
+def _nonnegative_monomial(m: sp.Expr) -> bool:
+    """A product of non-negative factors (positive symbols, floors and ceilings of non-negatives)."""
+    for f in sp.Mul.make_args(m):
+        b = f.base if isinstance(f, sp.Pow) else f
+        if not (b.is_nonnegative or isinstance(b, (sp.floor, sp.ceiling)) and b.args[0].is_nonnegative):
             return False
-        for f in sp.Mul.make_args(rest):
-            b = f.base if isinstance(f, sp.Pow) else f
-            if not (b.is_nonnegative or isinstance(b, (sp.floor, sp.ceiling)) and b.args[0].is_nonnegative):
-                return False
     return True
 
 
-def _undominated(cands: list[tuple[sp.Expr, str]]) -> list[tuple[sp.Expr, str]]:
-    """Drop every candidate some other candidate is provably >= to (keeps the earliest of equals).
+def _geq(a: dict, b: dict) -> bool:
+    """a >= b for every value of the (positive) symbols: every coefficient of a - b is >= 0 on a
+    non-negative monomial. The terms of expanded expressions (see `_terms`): no sympy arithmetic."""
+    for m in a.keys() | b.keys():
+        c = a.get(m, 0) - b.get(m, 0)
+        if c == 0:
+            continue
+        if c < 0 or not _nonnegative_monomial(m):
+            return False
+    return True
 
-    Candidates come expanded (sums of expanded sizes), so a difference is a cheap Add."""
-    nums = [(e, n) for e, n in cands if e.is_number]
-    rest = [(e, e, n) for e, n in cands if not e.is_number]   # already expanded (see liveness)
+
+def _expr(terms: dict) -> sp.Expr:
+    return sp.Add(*[c * m for m, c in terms.items()])
+
+
+def _undominated_terms(cands: list[tuple[dict, object, str]]) -> list[tuple[dict, object, str]]:
+    """Drop every candidate (its terms, anything, a name) some other is provably >= to (keeps the
+    earliest of equals); of the constant candidates only the largest can matter."""
+    nums = [c for c in cands if set(c[0]) <= {sp.Integer(1)}]
+    rest = [c for c in cands if not set(c[0]) <= {sp.Integer(1)}]
     if nums:
-        top = max(e for e, _ in nums)
-        rest.append(next((e, e, n) for e, n in nums if e == top))
-    keep: list[tuple[sp.Expr, sp.Expr, str]] = []
-    for x, e, n in rest:
-        if any(_nonnegative(f - x) for f, _, _ in keep):
+        value = lambda c: c[0].get(sp.Integer(1), 0)
+        top = max(value(c) for c in nums)
+        rest.append(next(c for c in nums if value(c) == top))
+    keep: list = []
+    for c in rest:
+        if any(_geq(k[0], c[0]) for k in keep):
             continue  # a kept candidate is always >= this one (the earlier of equals stays)
-        keep = [k for k in keep if not _nonnegative(x - k[0])] + [(x, e, n)]
-    return [(e, n) for _, e, n in keep]
+        keep = [k for k in keep if not _geq(c[0], k[0])] + [c]
+    return keep
+
+
+def undominated(cands: list[tuple[sp.Expr, str]]) -> list[tuple[sp.Expr, str]]:
+    """Drop every candidate some other candidate is provably >= to (keeps the earliest of equals).
+    Candidates must be expanded: each is turned into its terms once, and a comparison is a walk
+    over two coefficient tables."""
+    return [(e, n) for _, e, n in _undominated_terms([(_terms(e), e, n) for e, n in cands])]

@@ -726,5 +726,20 @@ def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]
     attrs = dict(attrs)
     when = attrs.pop("when", None)
     specs = [x if isinstance(x, Spec) else Spec(x) for x in inputs]
-    shape, cost = fn(*specs, **attrs)
+    # Formulas are pure functions of shapes and attrs: a layer repeated 12 or 24 times computes its
+    # sympy expressions once (the key holds the element sizes, which a tuple's hash leaves out).
+    try:
+        key = (kind, tuple((tuple(x), x.itemsize) for x in specs), tuple(sorted(attrs.items())))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _APPLIED:
+        shape, cost = _APPLIED[key]
+    else:
+        shape, cost = fn(*specs, **attrs)
+        if key is not None:
+            _APPLIED[key] = (shape, cost)
     return shape, (cost if when is None else cost * when)
+
+
+_APPLIED: dict = {}

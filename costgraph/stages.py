@@ -23,6 +23,7 @@ from . import symbols as S
 from .cost import METRICS
 from .evaluate import substitute
 from .hardware import Hardware
+from .maxima import over_max
 from .render import human, table
 
 # `formula --metric` beyond the Cost fields
@@ -37,16 +38,6 @@ def scope_stages(model, mode, scope: str) -> tuple[str, ...]:
     """The stages a scope is made of (a composite: all of its parts'; a stage: itself)."""
     parts = model.composites.get(scope, (scope,))
     return tuple(s for s in model.stages(mode) if any(s == p or s.startswith(p + ".") for p in parts))
-
-
-def over_max(expr: sp.Expr, fn) -> sp.Expr:
-    """Apply `fn` to each candidate of a peak (a Max, maybe times a factor), keeping the Max unevaluated:
-    `subs` on a Max would make sympy compare its candidates symbolically (minutes on a whole model)."""
-    if isinstance(expr, sp.Max):
-        return sp.Max(*[over_max(a, fn) for a in expr.args], evaluate=False)
-    if isinstance(expr, sp.Mul) and expr.has(sp.Max):
-        return sp.Mul(*[over_max(a, fn) for a in expr.args])
-    return fn(expr)
 
 
 def _names(values: dict) -> dict:
@@ -144,7 +135,7 @@ def peak_formula(model, mode, scope: str, variants=None) -> sp.Expr:
         e = stage_peak(model, mode, st, variants).expr
         summed = _summed(g, st)
         if summed is not None:
-            e = over_max(e, lambda x: x.subs(summed[0], summed[2]))
+            e = over_max(e, lambda x: x.xreplace({summed[0]: summed[2]}))
         exprs.append(e)
     if not exprs:
         return sp.Integer(0)
@@ -376,7 +367,9 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
     """The exact total of a metric over a scope: a Cost field, or a derived metric (DERIVED)."""
     if metric in METRICS:
         return model.formula(mode, scope, metric, variants)
-    sub = (lambda e: over_max(e, lambda x: x.subs(model.mode_values(mode)))) if mode is not None else (lambda e: e)
+    # xreplace: a structural replacement of symbols by numbers (floors of numbers evaluate), much
+    # cheaper than subs on the many candidates of a peak
+    sub = (lambda e: over_max(e, lambda x: x.xreplace(model.mode_values(mode)))) if mode is not None else (lambda e: e)
     if metric == "bytes":
         return sp.expand(model.formula(mode, scope, "bytes_read", variants)
                          + model.formula(mode, scope, "bytes_written", variants))

@@ -12,6 +12,7 @@ short name and a LaTeX spelling (`name_indicator`), so closed forms print it as 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import sympy as sp
@@ -28,6 +29,8 @@ class SymbolInfo:
 
 
 SYMBOLS: dict[str, SymbolInfo] = {}
+# Every declaration's words, by (name, declaring module): two models may mean different things by one name.
+DOCS: dict[tuple[str, str], str] = {}
 
 
 def declare(name: str, *, latex: str, term: str | None = None, doc: str = "", **assumptions) -> sp.Symbol:
@@ -41,7 +44,19 @@ def declare(name: str, *, latex: str, term: str | None = None, doc: str = "", **
     if old is not None and old.symbol != sym:
         raise ValueError(f"symbol {name!r} is already declared with other assumptions ({old})")
     SYMBOLS.setdefault(name, SymbolInfo(sym, latex, term, doc))
+    DOCS.setdefault((name, sys._getframe(1).f_globals.get("__name__", "")), doc)
     return SYMBOLS[name].symbol
+
+
+def doc(sym: sp.Symbol, package: str | None = None) -> str:
+    """What a symbol means: as a module of `package` (a model's, e.g. graphs.vit) declared it, else
+    the registry's words."""
+    if package:
+        for (name, module), words in DOCS.items():
+            if name == sym.name and words and (module == package or module.startswith(package + ".")):
+                return words
+    info = SYMBOLS.get(sym.name)
+    return info.doc if info is not None else ""
 
 
 def latex_name(sym: sp.Symbol, names=None) -> str:

@@ -70,9 +70,9 @@ def test_decompression_bomb_header(cli, tmp_path):
     assert_refused(cli, tmp_path, "--image", str(bomb), says="decompression-bomb")
 
 
-@pytest.mark.parametrize("limit", [300_000, 600_000])  # over 2x the limit: error; over 1x: warning (refused too)
-def test_decompression_bomb_limit(cli, tmp_path, page, monkeypatch, limit):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # the page has 630,000 pixels
+def test_decompression_bomb_limit(cli, tmp_path, page, monkeypatch):
+    # over twice the limit: refused, as Pillow refuses it (over 1x: read with a note, tests/test_pages.py)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)  # the page has 630,000 pixels
     assert_refused(cli, tmp_path, "--image", str(page), says="decompression-bomb")
 
 

@@ -1,5 +1,6 @@
 """The command line: acceptance figures, JSON shapes, and one-line errors with exit code 2."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -362,3 +363,49 @@ def test_verify_metrics_params_and_what_is_not_checked(cli):
     assert {r["node"].split(".")[0] for r in params["rows"]} == {"vision", "decoder"}
     assert set(data["run"]["not_checked"]) == {"kv_cache", "bytes (vision)"}
     assert data["peak_memory"]["cases"][0]["vision_skipped"].endswith("--device cpu")
+
+
+# ---- what a number is; errors name the user's file ------------------------------------------
+
+def test_cost_says_activation_bytes_is_a_sum_not_the_memory_need(cli):
+    code, out, _ = cli("cost", "--size", "1654x2339")
+    assert code == 0
+    note = [line for line in out.splitlines() if line.startswith("# activation_bytes:")]
+    assert len(note) == 1 and "not memory held at once" in note[0] and "--metrics activations" in note[0]
+    data = json.loads(cli("cost", "--size", "1654x2339", "--json")[1])
+    assert "not memory held at once" in data["notes"]["activation_bytes"]
+    code, out, _ = cli("cost", "--size", "1654x2339", "--metrics", "activations")
+    assert "peak_activation_bytes (above)" in out and "peak_activation_bytes" in out.split("# activation")[0]
+    code, out, _ = cli("cost", "--size", "1654x2339", "--metrics", "flops", "--json")
+    assert "notes" not in json.loads(out)  # no activation_bytes shown, nothing to explain
+
+
+def test_write_error_names_the_target_not_a_temporary_file(cli, tmp_path):
+    target = tmp_path / "g.json"
+    target.mkdir()  # a folder where the file should go: the rename fails
+    code, out, err = cli("graph", "--mode", "tiny", "--out", str(target))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert str(target) in err and ".tmp-" not in err
+    assert os.listdir(tmp_path) == ["g.json"] and os.listdir(target) == []  # no temporary file left
+
+
+def test_unwritable_folder_error_names_the_target(cli, tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    target = folder / "g.json"
+    if os.geteuid() != 0:  # a real read-only folder (root writes anyway)
+        folder.chmod(0o555)
+        try:
+            code, out, err = cli("graph", "--mode", "tiny", "--out", str(target))
+        finally:
+            folder.chmod(0o755)
+        assert code == 2 and err == f"costgraph: error: [Errno 13] Permission denied: '{target}'\n"
+    import tempfile
+
+    def denied(dir=None, prefix="", suffix=""):  # what mkstemp raises in a folder the user cannot write
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "abc123" + suffix))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    code, out, err = cli("graph", "--mode", "tiny", "--out", str(target))
+    assert code == 2 and err == f"costgraph: error: [Errno 13] Permission denied: '{target}'\n"
+    assert os.listdir(folder) == []

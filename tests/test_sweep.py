@@ -236,3 +236,104 @@ def test_csv_and_json_round_trip():
     data = json.loads(s.to_json())
     assert [r["grid"] for r in rows] == ["2x3", "3x2"] == [p["grid"] for p in data["points"]]
     assert int(rows[0]["e2e:flops"]) == data["points"][0]["totals"]["e2e"]["flops"] == int(s.value("e2e", "flops")[0])
+
+
+def test_chunked_csv_and_json_equal_one_piece(monkeypatch):
+    """Files are streamed in pieces of CHUNK rows (a progress tick each): the same text as in one piece."""
+    s = SW.sweep_grids("gundam")
+    whole_csv, whole_json = s.to_csv(), s.to_json()
+    monkeypatch.setattr(SW, "CHUNK", 5)
+    ticks = []
+    assert "".join(s.csv_chunks(ticks.append)) == whole_csv
+    assert "".join(s.json_chunks(ticks.append)) == whole_json
+    assert ticks == [5, 5, 5, 5, 2] * 2
+    json.loads(whole_json)
+
+
+# ---- one --out folder, many runs ------------------------------------------------------------
+
+def _folder(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_sweeps_into_one_folder_leave_one_consistent_set(cli, tmp_path):
+    """Four sweeps into one --out: after each, the folder holds exactly that run's files, listed by its
+    manifest (before: the CSV of one run beside the plots of another)."""
+    out = tmp_path / "out"
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (1654, 2339)).save(tmp_path / "imgs" / "a4.png")
+    runs = [(["--grids", "2x3,3x2"], 2, {"cost_vs_crops", "crop_heatmap"}),
+            (["--aspects", "0.5:2:7"], 7, {"cost_vs_aspect"}),
+            (["--paper-sizes", "--dpi", "150", "--no-plots"], 18, set()),
+            (["--folder", str(tmp_path / "imgs")], 1, {"cost_vs_aspect"})]
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a file no sweep wrote is left alone
+    for argv, points, plots in runs:
+        code, text, err = cli("sweep", *argv, "--out", str(out), "--json")
+        assert code == 0, err
+        files = json.loads(text)["files"]
+        manifest = json.loads((out / SW.MANIFEST).read_text())
+        names = ["sweep.csv", "sweep.json"] + [f"{p}.{e}" for p in sorted(plots) for e in ("png", "svg")]
+        assert sorted(manifest["files"]) == sorted(names + [SW.MANIFEST])
+        assert sorted(os.listdir(out)) == sorted(names + [SW.MANIFEST, "notes.txt"])
+        assert files == [str(out / n) for n in manifest["files"]]
+        assert len(list(csv.DictReader(open(out / "sweep.csv")))) == points == manifest["points"]
+        assert len(json.load(open(out / "sweep.json"))["points"]) == points
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_manifest_removes_only_plain_names_in_its_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "outside.txt").write_text("keep")
+    (out / ".hidden").write_text("keep")
+    (out / "stale.png").write_text("old run")
+    (out / SW.MANIFEST).write_text(json.dumps({"files": ["../outside.txt", ".hidden", "stale.png", "/etc/passwd",
+                                                         SW.MANIFEST, 3]}))
+    SW.sweep_grids("gundam", [(2, 3)]).write(str(out), plots=False)
+    assert (tmp_path / "outside.txt").exists() and (out / ".hidden").exists() and not (out / "stale.png").exists()
+    (out / SW.MANIFEST).write_text("not json")  # a damaged manifest: nothing removed, a new one written
+    SW.sweep_grids("gundam", [(2, 3)]).write(str(out), plots=False)
+    assert json.loads((out / SW.MANIFEST).read_text())["files"][-1] == SW.MANIFEST
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_an_interrupted_or_failed_write_leaves_the_folder_as_it_was(cli, tmp_path, monkeypatch, error):
+    """An interrupt (or a write error) while writing: a folder the run created is gone (before: left
+    empty); an earlier run's folder keeps its files, unchanged, with no partial file beside them."""
+    def broken(self, done=None):
+        yield "{"
+        raise error(28, "No space left on device") if error is OSError else error()
+
+    def patch():
+        monkeypatch.setattr(SW.Sweep, "json_chunks", broken, raising=False)
+        monkeypatch.setattr(SW.Sweep, "to_json", lambda self: "".join(broken(self)))
+
+    patch()
+    new = tmp_path / "a" / "b"
+    code, text, err = cli("sweep", "--grids", "2x3", "--out", str(new), "--no-plots")
+    assert code == (130 if error is KeyboardInterrupt else 2) and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    monkeypatch.undo()
+    old = tmp_path / "old"
+    assert cli("sweep", "--grids", "2x3", "--out", str(old), "--no-plots")[0] == 0
+    before = _folder(old)
+    patch()
+    code, _, err = cli("sweep", "--aspects", "0.5:2:5", "--out", str(old))
+    assert code != 0 and _folder(old) == before
+    if error is OSError:
+        assert "sweep.json" in err and ".tmp-" not in err and ".sweep-partial" not in err
+
+
+def test_progress_bar_covers_the_writing(tmp_path, capsys):
+    s = SW.sweep_grids("gundam", [(2, 3), (3, 2)])
+    s.write(str(tmp_path / "o"), plots=True, progress=True)
+    err = capsys.readouterr().err
+    assert "write" in err and "100%" in err and "sweep.csv" in err
+    s.write(str(tmp_path / "p"), plots=False)  # short sweeps: no bar unless asked
+    assert capsys.readouterr().err == ""
+
+
+def test_help_documents_the_manifest(cli):
+    code, text, _ = cli("sweep", "--help")
+    assert code == 0 and "sweep.manifest.json" in " ".join(text.split())

@@ -62,8 +62,8 @@ def test_markdown_shows_scaled_values(cli):
 
 
 def test_latex_is_booktabs_with_escaped_names(cli):
-    code, out, _ = cli("table", "--format", "latex", "--rows", "tiny,gundam:2x3")
-    assert code == 0
+    code, out, _ = cli("table", "--format", "latex", "--rows", "tiny,gundam:2x3", "--text-width", "0")  # unsplit
+    assert code == 0 and out.startswith("% needs: \\usepackage{booktabs}\n")
     assert out.count(r"\begin{table}") == len(METRICS) and out.count(r"\toprule") == len(METRICS)
     assert r"\midrule" in out and r"\bottomrule" in out and r"\end{tabular}" in out
     assert r"\texttt{vision.global}" in out and r"\texttt{decoder.prefill}" in out
@@ -72,6 +72,47 @@ def test_latex_is_booktabs_with_escaped_names(cli):
     assert row.endswith(r" \\") and row.count("&") == 6 + len(model.scopes_for(MODES["gundam"]))
     tiny = next(l for l in out.splitlines() if l.startswith("tiny"))
     assert " & -- & " in tiny
+
+
+def test_latex_wider_than_the_page_is_split_repeating_mode_and_grid(cli):
+    """DeepSeek-OCR's 14 columns do not fit the article's 345 pt: stacked tabulars, each starting with
+    Mode and Grid, that together hold every column once and every row's cells in order."""
+    code, whole, _ = cli("table", "--format", "latex", "--metric", "flops", "--text-width", "0")
+    code2, split, _ = cli("table", "--format", "latex", "--metric", "flops")
+    assert code == code2 == 0
+    assert whole.count(r"\begin{tabular}{") == 1 and split.count(r"\begin{tabular}{") >= 2
+    assert split.count(r"\begin{table}") == 1 and split.count(r"\caption{") == 1
+    parts = [p.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
+             for p in split.split(r"\begin{tabular}{")[1:]]
+    heads = [p.split(r"\toprule")[1].split(r"\midrule")[0].strip() for p in split.split(r"\begin{tabular}{")[1:]]
+    assert all(h.startswith("Mode & Grid & ") for h in heads)
+    full = [l for l in whole.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()]
+    for k, row in enumerate(full):
+        cells = row.removesuffix(r" \\").split(" & ")
+        pieces = [p[k].removesuffix(r" \\").split(" & ") for p in parts]
+        assert all(piece[:2] == cells[:2] for piece in pieces)
+        assert cells[:2] + [c for piece in pieces for c in piece[2:]] == cells
+
+
+# what each metric's caption must say (the conventions of costgraph/cost.py), and no other metric's
+CAPTION_WORDS = {"flops": "2 per multiply-add", "elementwise_flops": "elementwise FLOPs",
+                 "bytes_read": "bytes read", "bytes_written": "bytes written",
+                 "activation_bytes": "not a memory need"}
+
+
+@pytest.mark.parametrize("fmt", ["md", "latex"])
+def test_each_caption_describes_its_own_metric(cli, fmt):
+    assert set(CAPTION_WORDS) == set(METRICS)
+    code, out, _ = cli("table", "--format", fmt, "--rows", "tiny")
+    assert code == 0
+    mark = "**" if fmt == "md" else r"\caption{"
+    captions = [line for line in out.splitlines() if line.startswith(mark)]
+    assert len(captions) == len(METRICS)
+    for metric, caption in zip(METRICS, captions):
+        text = caption.replace("\\_", "_")
+        assert f"{metric} " in text and CAPTION_WORDS[metric] in text, caption
+        assert not any(w in text for m, w in CAPTION_WORDS.items() if m != metric), caption
+        assert "text_tokens=10" in text and "dtype=bf16" in text   # the inputs, on every caption
 
 
 def test_out_writes_the_file(cli, tmp_path):
@@ -85,7 +126,8 @@ def test_out_writes_the_file(cli, tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--rows", "gundam"], ["--rows", "huge"], ["--rows", "gundam:0x2"], ["--rows", "tiny:2x2"],
     ["--rows", ","], ["--format", "html"], ["--metric", "joules"], ["--rows", "gundam:4x3"],
-    ["--out", "no/such/dir/t.md"], ["--output-tokens", "0"],
+    ["--out", "no/such/dir/t.md"], ["--output-tokens", "0"], ["--format", "latex", "--text-width", "-1"],
+    ["--text-width", "inf"],
 ])
 def test_bad_input_is_one_line_exit_2(cli, argv):
     code, out, err = cli("table", *argv)

@@ -10,12 +10,14 @@ import json
 import os
 import re
 import sys
+import warnings
 
-from costgraph import forms, stages
+from costgraph import forms, render, stages
 from costgraph.cost import METRICS
 from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
+from graphs.pages import PageWarning
 from . import bench, sweep, tables, verify_cmd
 from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, mode_arg, mode_of, model_arg,
                    model_of, output_text_tokens_arg, page_args, point_of, scopes_of, variant_args, variants_of)
@@ -65,6 +67,9 @@ def cmd_cost(args) -> int:
            "dtype": args.dtype, "metrics": list(groups), "totals": totals}
     out.update(stages.extra_metrics(model, mode, point, scopes, groups, totals, variants=variants, dtype=args.dtype,
                                     hardware=hardware))
+    notes = _cost_notes(out)
+    if notes:
+        out["notes"] = notes
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -74,9 +79,22 @@ def cmd_cost(args) -> int:
     rows = [[scope, m, f"{v:,}", human(v)] for scope, ms in totals.items()
             for m, v in {**ms, **derived.get(scope, {})}.items()]
     print(table(rows, ["scope", "metric", "value", "approx"]))
+    for metric, note in notes.items():
+        print(f"# {metric}: {note}")
     for line in stages.text_sections(model, out):
         print(line)
     return 0
+
+
+def _cost_notes(out: dict) -> dict[str, str]:
+    """What a metric of the table is when its name could be misread (`cost --json`: "notes")."""
+    shown = {m for ms in out["totals"].values() for m in ms}
+    if "activation_bytes" not in shown:
+        return {}
+    peak = any("peak_activation_bytes" in ms for ms in out.get("derived", {}).values())
+    return {"activation_bytes": "sum of every op's output bytes over the run, not memory held at once; the memory "
+                                "need is the peak, peak_activation_bytes" +
+                                (" (above)" if peak else " (`costgraph cost --metrics activations`)")}
 
 
 def cmd_roofline(args) -> int:
@@ -123,21 +141,35 @@ def cmd_formula(args) -> int:
     scope = args.scope or scopes[0]
     if scope not in scopes:
         raise UserError(f"unknown scope {scope!r} (choose from {', '.join(scopes)})")
+    if not 0 <= args.text_width < float("inf"):
+        raise UserError(f"--text-width must be a width in pt >= 0 (0: one line), got {args.text_width}")
     dtypes = list(STORAGE) if args.dtype == "all" else [args.dtype]
     built = [forms.build(model, args.form, mode.name if mode else None, scope, args.metric, args.grid_multiple,
                          variants, d) for d in dtypes]
     if len(built) > 1 and built[0].expr == built[1].expr:  # no element size in this metric
         built, dtypes = built[:1], dtypes[:1]
-    records = [{**f.to_json(), "dtype": d, "variants": variants.as_dict(), "note": " ".join(f.notes)}
-               for f, d in zip(built, dtypes)]
     if args.json:
+        records = [{**f.to_json(args.text_width), "dtype": d, "variants": variants.as_dict(),
+                    "note": " ".join(f.notes)} for f, d in zip(built, dtypes)]
         print(json.dumps(records[0] if args.dtype != "all" else records, indent=1))
         return 0
     c = "%" if args.latex else "#"
+    if args.latex:  # what a paper needs: the preamble and what each symbol is
+        for line in forms.LATEX_PREAMBLE:
+            print(f"% needs: {line}")
+        print("% set in a display: \\[ ... \\] (a form wider than --text-width is an aligned block, broken at terms)")
+        print("% symbols:")
+        legend = dict.fromkeys(item for f in built for item in f.legend(type(model).__module__))
+        for tex, name, words in legend:
+            print(f"%   {tex} = {name}" + (f": {words}" if words else ""))
     for k, (form, d) in enumerate(zip(built, dtypes)):
         if len(built) > 1:
             print(("\n" if k else "") + f"{c} storage dtype {d}")
-        print(form.latex() if args.latex else form.plain())
+        text = form.latex(args.text_width) if args.latex else form.plain()
+        print(text)
+        if args.latex and render.tex_height(text) > 0.85 * render.TEXT_HEIGHT:
+            print(f"% about {render.tex_height(text):,.0f} pt tall, likely more than a page ({render.TEXT_HEIGHT:g} pt): "
+                  "to break it across pages, use align* for aligned (outside \\[ \\]) with \\allowdisplaybreaks")
         print(f"{c} form: {form.kind}")
         for line in form.commentary():
             print(f"{c} {line}")
@@ -148,7 +180,12 @@ def cmd_formula(args) -> int:
 def cmd_graph(args) -> int:
     model = model_of(args)
     mode = mode_of(model, args)
-    text = model.graph(mode, variants_of(model, args)).dumps()
+    variants = variants_of(model, args)
+    info = {"model": model.name, "mode": mode.name, "variants": variants.as_dict(),
+            "note": f"the {mode.name} mode's sizes are substituted (see substituted); every expression is "
+                    "symbolic only in free_symbols: what an input gives (e.g. a page's crop grid, the sequence "
+                    "lengths) and the storage element size (dtype_bytes)"}
+    text = model.graph(mode, variants).dumps(model.mode_values(mode), info)
     if args.out:
         write_atomic(args.out, text)
     else:
@@ -217,7 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "smallest M that removes every floor/ceiling; 4 keeps the window ceilings)")
     q.add_argument("--dtype", choices=list(STORAGE) + ["all"], default=DEFAULT_STORAGE,
                    help="storage dtype substituted in byte metrics, or all: one form per dtype (default: %(default)s)")
-    q.add_argument("--latex", action="store_true")
+    q.add_argument("--latex", action="store_true",
+                   help="LaTeX for a display (amsmath only), after its preamble and a legend of its symbols as "
+                        "%% comments")
+    q.add_argument("--text-width", type=float, default=render.TEXT_WIDTH, metavar="PT",
+                   help="--latex: a form wider than this many pt is an aligned block broken at its terms (a peak: "
+                        "one candidate per line, each broken the same way); 0 keeps one line (default: %(default)g, "
+                        "the article class's \\textwidth; 229 fits a column of a two-column page)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_formula)
 
@@ -254,15 +297,30 @@ def _join_size_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _shown_as_note(show):
+    def note(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PageWarning):
+            print(f"costgraph: note: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return note
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv:  # a bare `costgraph`: what it can do
-        parser.print_help()
-        return 0
     try:
-        args = parser.parse_args(_join_size_values(argv))
-        return args.fn(args)
+        if not argv:  # a bare `costgraph`: what it can do
+            parser.print_help()
+            code = 0
+        else:
+            with warnings.catch_warnings():  # a note on a page (a very large one): one line on stderr
+                warnings.simplefilter("always", PageWarning)
+                warnings.showwarning = _shown_as_note(warnings.showwarning)
+                args = parser.parse_args(_join_size_values(argv))
+                code = args.fn(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left ends in the branch below
+        return code
     except BrokenPipeError:  # `costgraph graph | head`: the reader left; end quietly like Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

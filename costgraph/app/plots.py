@@ -6,17 +6,25 @@
 - cost_vs_aspect: image tokens and cost of pages against their aspect ratio, coloured by the
   grid the layout rule chose, so the grid switches show.
 Branches, totals and metrics come from the sweep (its scopes and `METRICS`), never a fixed list.
+
+What a reader must not misread: a branch keeps one colour in every panel (`branch_colors`), legends sit
+outside the data, value axes and colour scales start at 0 (a difference of 0.2 % looks like 0.2 %; each
+page-sweep panel states its range), labels are never cut short, and a figure is laid out to be read at
+100 % (panels in a grid, never one long row).
 """
 from __future__ import annotations
 
 import io
 import os
+import re
+import textwrap
 from dataclasses import fields
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
@@ -31,6 +39,15 @@ def _finish(fig, note: str) -> None:
     """The footnote below everything (the figures use constrained layout, which makes room for it)."""
     fig.supxlabel(note, fontsize=8, color="0.3")
 _FALLBACK_LABELS = {"flops": "FLOPs"}
+# said beside a metric whose name could be misread
+_METRIC_NOTES = {"activation_bytes": "sum of every op's output bytes, not memory held at once "
+                                     "(peak: costgraph cost --metrics activations)"}
+
+
+def metric_note(metric: str) -> str:
+    """'\n(what it is)' for a metric whose name could be misread, else ''."""
+    note = _METRIC_NOTES.get(metric)
+    return f"\n({note})" if note else ""
 
 
 def metric_label(metric: str) -> str:
@@ -100,28 +117,80 @@ def subtitle(sweep) -> str:
 _CONVENTION = "FLOPs in torch's convention: 2 per multiply-add, matmul-class ops (linear, conv, bmm, einsum, attention)"
 
 
-def _save(fig, base: str) -> list[str]:
+DPI = 150
+FORMATS = ("png", "svg")
+
+
+def _save(fig, base: str, done=None) -> list[str]:
+    """The figure as `base`.png and .svg; `done(path)` after each file (the progress bar)."""
     paths = []
-    for ext in ("png", "svg"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
-        path = f"{base}.{ext}"
-        write_atomic(path, buf.getvalue())
-        paths.append(path)
-    plt.close(fig)
+    try:
+        for ext in FORMATS:
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, dpi=DPI, bbox_inches="tight")
+            path = f"{base}.{ext}"
+            write_atomic(path, buf.getvalue())
+            paths.append(path)
+            if done is not None:
+                done(path)
+    finally:
+        plt.close(fig)
     return paths
 
 
-def _grid_colors(labels: list[str]) -> dict[str, tuple]:
+def _palette(names: list[str]) -> dict[str, tuple]:
+    """Distinct colours: tab10 for up to 10 names (no two shades of one hue), else tab20, then Set2."""
+    if len(names) <= 10:
+        cmap = plt.get_cmap("tab10")
+        return {g: cmap(k) for k, g in enumerate(names)}
     cmap = plt.get_cmap("tab20")
     extra = plt.get_cmap("Set2")
-    return {g: (cmap(k) if k < 20 else extra(k - 20)) for k, g in enumerate(labels)}
+    return {g: (cmap(k) if k < 20 else extra((k - 20) % 8)) for k, g in enumerate(names)}
+
+
+def branch_colors(sweep) -> dict[str, tuple]:
+    """One colour per branch for every panel: the branches of all the sweep's metrics (a metric can add a
+    parent's own ops, e.g. bytes of `vision (own ops)`), in scope order, coloured once."""
+    names: list[str] = []
+    for metric in sweep.metrics:
+        names += [b for b in branches(sweep, metric) if b not in names]
+    order = {s: k for k, s in enumerate(sweep.scopes)}
+    names.sort(key=lambda b: order.get(b.removesuffix(" (own ops)"), len(order)))
+    return _palette(names)
+
+
+def _span(values: np.ndarray) -> str:
+    """'from 5.790 to 5.803 (+0.24 %)': a panel's range, with digits enough to tell the ends apart."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    if lo == hi:
+        return f"all {lo:,.4g}"
+    for digits in range(0, 7):
+        a, b = f"{lo:,.{digits}f}", f"{hi:,.{digits}f}"
+        if a != b and len(re.sub(r"\D", "", a).lstrip("0")) >= 3:
+            break
+    rel = "" if lo <= 0 else f" (+{100 * (hi / lo - 1):.2g} %)" if hi < 2 * lo else f" (x{hi / lo:.2g})"
+    return f"from {a} to {b}{rel}"
+
+
+def _join_names(names: list[str]) -> str:
+    """Page names of one point, shortest first: 'A4 portrait 150dpi', 'A4 portrait 200dpi' become
+    'A4 portrait 150/200 dpi'; other names are listed whole."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        m = re.fullmatch(r"(.*) (\d+)dpi", name)
+        groups.setdefault(m.group(1) if m else name, []).append(m.group(2) if m else "")
+    return ", ".join(k + (" " + "/".join(d) + " dpi" if all(d) else "") for k, d in groups.items())
 
 
 # ---- grid sweeps -----------------------------------------------------------------------
 
-def cost_vs_crops(sweep, base: str) -> list[str]:
-    """Stacked bars per grid, grouped by number of crops; the no-crop 1x1 layout first."""
+def cost_vs_crops(sweep, base: str, done=None) -> list[str]:
+    return _save(figure_cost_vs_crops(sweep), base, done)
+
+
+def figure_cost_vs_crops(sweep):
+    """Stacked bars per grid, grouped by number of crops; the no-crop 1x1 layout first. One colour per
+    branch in every panel, one legend above the panels (never over the bars)."""
     order = np.lexsort((sweep.columns["h_crop"], sweep.columns["num_crops"]))
     labels = [sweep.columns["grid"][k] for k in order]
     crops = [int(sweep.columns["num_crops"][k]) for k in order]
@@ -138,7 +207,12 @@ def cost_vs_crops(sweep, base: str) -> list[str]:
         pos += 1.0
     x = np.array(x)
     metrics = sweep.metrics
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(13, 4.8 * len(metrics)), squeeze=False, layout="constrained")
+    colors = branch_colors(sweep)
+    # the first row holds the legend only: above the panels, over no bar and no title
+    fig, axes = plt.subplots(len(metrics) + 1, 1, figsize=(13, 0.7 + 4.6 * len(metrics)), squeeze=False,
+                             layout="constrained", height_ratios=[0.7] + [4.6] * len(metrics))
+    key, axes = axes[0, 0], axes[1:]
+    key.axis("off")
     for ax, metric in zip(axes[:, 0], metrics):
         parts = branches(sweep, metric)
         if nc:
@@ -148,13 +222,13 @@ def cost_vs_crops(sweep, base: str) -> list[str]:
         whole = sum(parts.values())
         scale, ylabel = scaled(metric, whole)
         bottom = np.zeros(len(x))
-        colors = plt.get_cmap("tab10")
-        for k, (b, v) in enumerate(parts.items()):
-            ax.bar(x, v / scale, 0.8, bottom=bottom, label=b, color=colors(k), edgecolor="white", linewidth=0.5)
+        for b, v in parts.items():
+            ax.bar(x, v / scale, 0.8, bottom=bottom, label=b, color=colors[b], edgecolor="white", linewidth=0.5)
             bottom += v / scale
         top = bottom.max()
         for xi, t, tok in zip(x, bottom, tokens):
-            ax.text(xi, t + top * 0.01, f"{t:,.1f}", ha="center", va="bottom", fontsize=7, rotation=90)
+            ax.text(xi, t + top * 0.01, f"{t:,.{1 if top >= 10 else 2}f}", ha="center", va="bottom", fontsize=7,
+                    rotation=90)
         ax.set_xticks(x, [f"{g}\n{tok}" for g, tok in zip(labels, tokens)], fontsize=8)
         ax.set_xlim(x[0] - 0.8, x[-1] + 0.8)
         ax.set_ylim(0, top * 1.18)
@@ -166,12 +240,14 @@ def cost_vs_crops(sweep, base: str) -> list[str]:
             name = "no crops" if c == 0 else f"{c} crops"
             ax.text(xs.mean(), top * 1.12, name, ha="center", fontsize=8, color="0.3")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.9), fontsize=8,
-                  title=f"branch (stacked; total: {total_name(sweep)})", title_fontsize=8)
-        ax.set_title(f"{metric_label(metric)} per page by branch vs crop grid", fontsize=11)
+        ax.set_title(f"{metric_label(metric)} per page by branch vs crop grid{metric_note(metric)}", fontsize=11)
     fig.suptitle(f"{sweep.label} {sweep.mode}: cost of one page vs crop grid\n{subtitle(sweep)}", fontsize=11)
+    key.legend(handles=[Patch(facecolor=c, label=b) for b, c in colors.items()], loc="center",
+               ncols=min(len(colors), 6), fontsize=9, title_fontsize=9, frameon=False,
+               title=f"branch, same colour in every panel (stacked from the bottom in this order; "
+                     f"bar label: total, {total_name(sweep)})")
     _finish(fig, _CONVENTION + ". 1x1: a page within 640x640 px, global view only.")
-    return _save(fig, base)
+    return fig
 
 
 def _no_crop_value(nc: dict, branch: str, metric: str) -> int:
@@ -183,8 +259,17 @@ def _no_crop_value(nc: dict, branch: str, metric: str) -> int:
     return totals[scope][metric] - sum(totals[c][metric] for c in kids)
 
 
-def crop_heatmap(sweep, base: str) -> list[str]:
-    """Image tokens and the total of each metric over (w_crop, h_crop); cells the layout never produces are blank."""
+HEATMAP_COLUMNS = 2  # panels per row: the figure is about as wide as the others, readable at 100 %
+
+
+def crop_heatmap(sweep, base: str, done=None) -> list[str]:
+    return _save(figure_crop_heatmap(sweep), base, done)
+
+
+def figure_crop_heatmap(sweep):
+    """Image tokens and the total of each metric over (w_crop, h_crop), panels in rows of HEATMAP_COLUMNS;
+    cells the layout never produces are blank. Colour scales start at 0, so a metric that barely changes
+    with the grid (bytes read) looks uniform instead of spanning the whole colour map."""
     w, h = sweep.columns["w_crop"], sweep.columns["h_crop"]
     n = int(max(w.max(), h.max()))
     panels = [(None, "image tokens (slots)", sweep.columns["image_tokens"], 1.0, "image tokens", "{:,.0f}")]
@@ -193,36 +278,49 @@ def crop_heatmap(sweep, base: str) -> list[str]:
         scale, label = scaled(metric, t)
         panels.append((metric, f"{metric_label(metric)}: {total_name(sweep)}", t, scale, label, "{:,.1f}"))
     nc = sweep.no_crop
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False, layout="constrained")
-    for ax, (metric, title, values, scale, label, fmt) in zip(axes[0], panels):
+    cols = min(HEATMAP_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.6 * cols, 5.4 * rows), squeeze=False, layout="constrained")
+    for ax in axes.ravel()[len(panels):]:
+        ax.remove()
+    for ax, (metric, title, values, scale, label, fmt) in zip(axes.ravel(), panels):
         grid = np.full((n, n), np.nan)
         grid[h - 1, w - 1] = values / scale
         if nc:
             grid[0, 0] = nc["image_tokens"] if metric is None else \
                 sum(_no_crop_value(nc, b, metric) for b in branches(sweep, metric)) / scale
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", origin="upper",
+        top = float(np.nanmax(grid)) or 1.0
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", origin="upper", vmin=0, vmax=top,
                        extent=(0.5, n + 0.5, n + 0.5, 0.5))
         ax.set_facecolor("0.92")
         for (r, c), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(c + 1, r + 1, fmt.format(v), ha="center", va="center", fontsize=7,
-                        color="white" if v < np.nanmean(grid) else "black")
+                ax.text(c + 1, r + 1, fmt.format(v), ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 * top else "black")
         ax.set_xticks(range(1, n + 1))
         ax.set_yticks(range(1, n + 1))
         ax.set_xlabel("w_crop (tiles across)")
         ax.set_ylabel("h_crop (tiles down)")
-        ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax, shrink=0.8, label=label)
+        ax.set_title(f"{title}: {_span(grid[~np.isnan(grid)])}{metric_note(metric)}", fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.9, label=label + ", scale from 0")
     fig.suptitle(f"{sweep.label} {sweep.mode}: tokens and cost per crop grid\n{subtitle(sweep)}", fontsize=11)
     _finish(fig, f"Grey: grids the layout never produces (w_crop*h_crop > {sweep.params['max_num']}). "
-                       "Cell 1x1: no crops (page within 640x640 px). " + _CONVENTION + ".")
-    return _save(fig, base)
+                       "Cell 1x1: no crops (page within 640x640 px).\n" + _CONVENTION + ".")
+    return fig
 
 
 # ---- page sweeps -----------------------------------------------------------------------
 
-def cost_vs_aspect(sweep, base: str) -> list[str]:
-    """Image tokens and cost vs aspect W/H, coloured by the chosen grid; switches marked when 1-D."""
+KEY_WIDTH = 64  # characters per line of the point key beside a named page sweep (wrapped, never cut)
+
+
+def cost_vs_aspect(sweep, base: str, done=None) -> list[str]:
+    return _save(figure_cost_vs_aspect(sweep), base, done)
+
+
+def figure_cost_vs_aspect(sweep):
+    """Image tokens and cost vs aspect W/H, coloured by the chosen grid; switches marked when 1-D. Value
+    axes start at 0 and each panel's title gives its range: small differences look small."""
     aspect = sweep.columns["width"] / sweep.columns["height"]
     if "tiled" in sweep.columns:
         grid = np.where(sweep.columns["tiled"], np.char.add(np.char.add(sweep.columns["w_crop"].astype(str), "x"),
@@ -239,15 +337,14 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
             groups.setdefault((round(float(np.log10(aspect[k])), 2), g), []).append((k, name))
         labels = []
         for (_, g), members in groups.items():
-            text = ", ".join(name for _, name in members)
-            labels.append((members[0][0], (text if len(text) <= 60 else text[:57] + "...") + f" [{g}]"))
+            labels.append((members[0][0], _join_names([name for _, name in members]) + f" [{g}]"))
         labels.sort(key=lambda kl: aspect[kl[0]])
     tokens = "image_tokens" if "image_tokens" in sweep.columns else "tokens"
-    series = [(tokens.replace("_", " ") + " (slots)", sweep.columns[tokens], 1.0, tokens.replace("_", " "))]
+    series = [(tokens.replace("_", " ") + " (slots)", sweep.columns[tokens], 1.0, tokens.replace("_", " "), None)]
     for metric in sweep.metrics:
         t = total(sweep, metric)
         scale, label = scaled(metric, t)
-        series.append((f"{metric_label(metric)}: {total_name(sweep)}", t, scale, label))
+        series.append((f"{metric_label(metric)}: {total_name(sweep)}", t, scale, label, metric))
     if n_pages > 20_000:
         # Every value is a function of the grid alone, so one point per (grid, aspect bin of
         # 1/2000 decade, far below a pixel) draws the same picture.
@@ -255,16 +352,17 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
         bins = np.round(np.log10(aspect) * 2000).astype(np.int64)
         keep = np.sort(np.unique(np.stack([bins, codes]), axis=1, return_index=True)[1])
         aspect, grid = aspect[keep], grid[keep]
-        series = [(t, v[keep], sc, lab) for t, v, sc, lab in series]
+        series = [(t, v[keep], sc, lab, m) for t, v, sc, lab, m in series]
     order = np.argsort(aspect, kind="stable")
     names = list(dict.fromkeys(grid[order]))
-    colors = _grid_colors(names)
+    colors = _palette(names)
     fig, axes = plt.subplots(len(series), 1, figsize=(12, 3.6 * len(series)), sharex=True, squeeze=False, layout="constrained")
     small = len(aspect) <= 2000
-    for ax, (title, values, scale, label) in zip(axes[:, 0], series):
+    size = 36 if len(aspect) <= 60 else 14 if small else 2
+    for ax, (title, values, scale, label, metric) in zip(axes[:, 0], series):
         for g in names:
             sel = grid == g
-            ax.scatter(aspect[sel], values[sel] / scale, s=14 if small else 2, color=colors[g], label=g,
+            ax.scatter(aspect[sel], values[sel] / scale, s=size, color=colors[g], label=g,
                        rasterized=not small, linewidths=0)
         if one_d:
             ax.plot(aspect[order], values[order] / scale, color="0.6", lw=0.6, zorder=0)
@@ -281,18 +379,24 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
             for n, (k, _) in enumerate(labels, 1):
                 ax.annotate(str(n), (aspect[k], values[k] / scale), xytext=(0, 5 + 9 * (n % 2)),
                             textcoords="offset points", fontsize=7, ha="center")
-            ax.text(1.01, 0.0, "\n".join(f"{n}: {text}" for n, (_, text) in enumerate(labels, 1)),
-                    transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left", family="monospace")
+            key = []
+            for n, (_, text) in enumerate(labels, 1):
+                key += textwrap.wrap(f"{n}: {text}", KEY_WIDTH, subsequent_indent="   ", break_on_hyphens=False)
+            ax.text(1.01, 0.0, "\n".join(key), transform=ax.transAxes, fontsize=6.5, va="bottom", ha="left",
+                    family="monospace")
         ax.set_xscale("log")
-        ax.margins(x=0.08, y=0.15)
+        ax.margins(x=0.08)
+        ax.set_ylim(0, float(np.max(values)) / scale * 1.15 or 1.0)
         ax.set_ylabel(label)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"{title}: {_span(values / scale)}{metric_note(metric)}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     ax = axes[-1, 0]
-    ticks = [t for t in (1 / 16, 0.125, 0.25, 1 / 3, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8, 16)
-             if aspect.min() * 0.9 <= t <= aspect.max() * 1.1]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in (1 / 32, 1 / 16, 0.1, 0.125, 0.2, 0.25, 1 / 3, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 8, 10, 16, 32)
+             if lo <= t <= hi]
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+    ax.set_xticks(ticks, ["1/3" if t == 1 / 3 else f"{t:g}" for t in ticks])
+    ax.set_xlim(lo, hi)
     for name, a in (("A4 portrait", 210 / 297), ("A4 landscape", 297 / 210), ("16:9", 16 / 9)):
         if aspect.min() <= a <= aspect.max():
             for axx in axes[:, 0]:
@@ -306,14 +410,26 @@ def cost_vs_aspect(sweep, base: str) -> list[str]:
     src = sweep.params.get("source", "pages")
     fig.suptitle(f"{sweep.label} {sweep.mode}: tokens and cost vs page aspect ratio ({n_pages:,} pages, {src})\n"
                  f"{subtitle(sweep)}", fontsize=11)
-    note = "Dotted lines: grid switches. " if one_d else \
-        "At one aspect the grid can also depend on the page's area (no crops within 640x640 px; equal-aspect ties). "
+    if one_d:
+        note = "Dotted lines: grid switches. "
+    elif "tiled" in sweep.columns:
+        note = ("At one aspect the grid can also depend on the page's area (no crops within 640x640 px; "
+                "equal-aspect ties). ")
+    else:
+        note = "This model has no crop layout: every page is resized to its one view. "
     _finish(fig, note + _CONVENTION + ".")
-    return _save(fig, base)
+    return fig
 
 
-def plots_for(sweep, out_dir: str) -> list[str]:
-    if sweep.kind == "grids":
-        return (cost_vs_crops(sweep, os.path.join(out_dir, "cost_vs_crops"))
-                + crop_heatmap(sweep, os.path.join(out_dir, "crop_heatmap")))
-    return cost_vs_aspect(sweep, os.path.join(out_dir, "cost_vs_aspect"))
+def plot_names(sweep) -> list[str]:
+    """The figures of a sweep (file stems; each is written as .png and .svg)."""
+    return ["cost_vs_crops", "crop_heatmap"] if sweep.kind == "grids" else ["cost_vs_aspect"]
+
+
+def plots_for(sweep, out_dir: str, done=None) -> list[str]:
+    """Every figure of the sweep into out_dir; `done(path)` after each file written."""
+    draw = {"cost_vs_crops": cost_vs_crops, "crop_heatmap": crop_heatmap, "cost_vs_aspect": cost_vs_aspect}
+    paths = []
+    for name in plot_names(sweep):
+        paths += draw[name](sweep, os.path.join(out_dir, name), done)
+    return paths

@@ -14,7 +14,9 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,7 +27,7 @@ from costgraph.cost import METRICS
 from costgraph.evaluate import Compiled
 from costgraph.io import write_atomic
 from costgraph.render import human, table
-from graphs.pages import open_page
+from graphs.pages import page_size
 from .args import (dtype_arg, input_options, max_num_arg, mode_arg, model_arg, model_of, output_text_tokens_arg,
                    sequence_args, sequence_of, variant_args, variants_of)
 from .models import get_model
@@ -85,14 +87,28 @@ class Sweep:
         return out
 
     def to_csv(self) -> str:
+        return "".join(self.csv_chunks())
+
+    def csv_chunks(self, done=None):
+        """The CSV in pieces of CHUNK rows; `done(rows)` after each (the progress bar)."""
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(list(self.columns))
-        w.writerows(zip(*(c.tolist() for c in self.columns.values())))
-        return buf.getvalue()
+        csv.writer(buf, lineterminator="\n").writerow(list(self.columns))
+        yield buf.getvalue()
+        n = len(self)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(zip(*(c[lo:hi].tolist() for c in self.columns.values())))
+            yield buf.getvalue()
+            if done is not None:
+                done(hi - lo)
 
     def to_json(self) -> str:
-        """The sweep's settings, then `points` (the `records()`), one point per line.
+        return "".join(self.json_chunks())
+
+    def json_chunks(self, done=None):
+        """The sweep's settings, then `points` (the `records()`), one point per line; in pieces of CHUNK
+        points, `done(points)` after each.
 
         Built from per-column JSON encodings and one row template: a 100,000-point sweep
         serialises in a fraction of a second.
@@ -104,24 +120,111 @@ class Sweep:
                           for s in self.scopes)
         template = "{" + ",".join(fields) + ',"totals":{' + totals + "}}"
         order = ident + [_column_name(s, m) for s in self.scopes for m in self.metrics]
-        points = ",\n".join(template % row for row in zip(*(_json_column(self.columns[c]) for c in order)))
         head = json.dumps({"model": self.model, "mode": self.mode, "kind": self.kind, "params": self.params,
                            "scopes": list(self.scopes), "metrics": list(self.metrics), "no_crop": self.no_crop,
                            "errors": self.errors}, indent=1)
-        return head[:-2] + ',\n "points": [\n' + points + "\n ]\n}\n"
+        yield head[:-2] + ',\n "points": [\n'
+        n = len(self)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            rows = zip(*(_json_column(self.columns[c][lo:hi]) for c in order))
+            yield (",\n" if lo else "") + ",\n".join(template % row for row in rows)
+            if done is not None:
+                done(hi - lo)
+        yield "\n ]\n}\n"
 
-    def write(self, out_dir: str, plots: bool = True) -> list[str]:
-        os.makedirs(out_dir, exist_ok=True)
-        written = []
-        for name, text in (("sweep.csv", self.to_csv()), ("sweep.json", self.to_json())):
-            path = os.path.join(out_dir, name)
-            write_atomic(path, text)
-            written.append(path)
+    def file_names(self, plots: bool = True) -> list[str]:
+        """The files one run writes into its folder, the manifest last."""
+        names = ["sweep.csv", "sweep.json"]
         if plots:
             from . import plots as P  # matplotlib: loaded only when plots are drawn
 
-            written += P.plots_for(self, out_dir)
-        return written
+            names += [f"{stem}.{ext}" for stem in P.plot_names(self) for ext in P.FORMATS]
+        return names + [MANIFEST]
+
+    def write(self, out_dir: str, plots: bool = True, progress: bool | None = None) -> list[str]:
+        """This run's complete set of files in out_dir (see `file_names`); returns their paths.
+
+        The files are made in a hidden staging folder inside out_dir and moved into place only when all
+        are done, then `sweep.manifest.json` lists them, and the files an earlier run's manifest listed
+        that this run did not write (another sweep's plots) are removed: the folder always holds one run's
+        consistent set. An error or an interrupt while writing leaves the folder as it was, and removes
+        it if this call created it. A progress bar covers the writing of long sweeps (as `evaluate`).
+        """
+        from tqdm import tqdm
+
+        names = self.file_names(plots)
+        created = _missing_folders(out_dir)
+        n = len(self)
+        per_plot = max(1, n // 16)  # drawing a figure takes about as long as writing n/16 rows
+        # progress None: a bar for long sweeps, on a terminal only; True/False: a bar or none
+        disable = (None if n >= PROGRESS_FROM else True) if progress is None else not progress
+        bar = tqdm(total=2 * n + per_plot * (len(names) - 3), unit="", desc="write", leave=False, disable=disable)
+        stage = None
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            stage = tempfile.mkdtemp(dir=out_dir, prefix=".sweep-partial-")
+            with bar:
+                for name, chunks in (("sweep.csv", self.csv_chunks), ("sweep.json", self.json_chunks)):
+                    bar.set_postfix_str(name)
+                    write_atomic(os.path.join(stage, name), chunks(bar.update))
+                if plots:
+                    from . import plots as P
+
+                    bar.set_postfix_str("plots")
+                    P.plots_for(self, stage, done=lambda path: bar.update(per_plot))
+            previous = _manifest_files(out_dir)
+            for name in names[:-1]:
+                os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+            manifest = {"written_by": "costgraph sweep", "model": self.model, "mode": self.mode, "kind": self.kind,
+                        "points": n, "source": self.params.get("source"), "files": names}
+            write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+            for name in previous - set(names):
+                path = os.path.join(out_dir, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    os.remove(path)
+        except BaseException as e:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            for folder in created:  # deepest first; a folder holding anything else stays
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+            if stage is not None and isinstance(e, OSError) and isinstance(e.filename, str) \
+                    and e.filename.startswith(stage + os.sep):  # name the file the user asked for
+                raise type(e)(e.errno, e.strerror, os.path.join(out_dir, os.path.relpath(e.filename, stage))) from None
+            raise
+        os.rmdir(stage)
+        return [os.path.join(out_dir, name) for name in names]
+
+
+MANIFEST = "sweep.manifest.json"
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders `os.makedirs(path)` would create, deepest first."""
+    path, out = os.path.abspath(path), []
+    while not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _manifest_files(out_dir: str) -> set[str]:
+    """The files an earlier sweep's manifest in out_dir lists (plain names in that folder only)."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            files = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(files, list):
+        return set()
+    return {f for f in files if isinstance(f, str) and f and f == os.path.basename(f)
+            and not f.startswith(".") and f != MANIFEST}
 
 
 def _json_column(a: np.ndarray) -> list[str]:
@@ -360,11 +463,11 @@ def folder_pages(folder: str):
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     labels, ws, hs, errors = [], [], [], []
     for name in names:
-        try:
-            with open_page(os.path.join(folder, name)) as img:
-                labels.append(name)
-                ws.append(img.width)
-                hs.append(img.height)
+        try:  # a folder or other non-file named like an image is reported as unreadable
+            w, h = page_size(os.path.join(folder, name))
+            labels.append(name)
+            ws.append(w)
+            hs.append(h)
         except ValueError as e:
             errors.append({"page": name, "error": str(e)})
     if not labels:
@@ -392,7 +495,11 @@ def add_parser(sub) -> None:
     q.add_argument("--dpi", default="150,200,300", metavar="DPI[,DPI...]", help="for --paper-sizes")
     q.add_argument("--area", type=parse_size, default=(1654, 2339), metavar="WxH",
                    help="for --aspects: keep this page's pixel area (default: A4 at 200 dpi, 1654x2339)")
-    q.add_argument("--out", required=True, metavar="DIR", help="sweep.csv, sweep.json and the plots go here")
+    q.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for sweep.csv, sweep.json, the plots and sweep.manifest.json (the list of this "
+                        "run's files). Each run leaves one complete, consistent set: the files an earlier "
+                        "sweep's manifest lists that this run does not write are removed; an error or interrupt "
+                        "leaves the folder as it was (and no folder it created)")
     q.add_argument("--no-plots", action="store_true")
     sequence_args(q)
     output_text_tokens_arg(q)

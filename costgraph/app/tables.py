@@ -3,6 +3,9 @@ image tokens: slots and the paper's count) and every metric per scope, for the r
 the model's, e.g. the native modes and Gundam on typical grids); as Markdown, CSV or LaTeX (booktabs).
 
 Values are exact (exact substitution); Markdown and LaTeX show them scaled (default 10^9), CSV exact.
+Each metric's caption says what it counts (`METRIC_CAPTIONS`). The LaTeX starts with the preamble it
+needs (as % comments: booktabs); a table wider than `--text-width` (default: the article class's
+\textwidth) is split into stacked tabulars, each repeating the row's key columns (mode and grid).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 from costgraph.cost import METRICS
 from costgraph.io import write_atomic
+from costgraph.render import TABLE_PREAMBLE, TEXT_WIDTH
 from costgraph.stages import totals as exact_totals
 from .args import (dtype_arg, input_options, max_num_arg, model_arg, model_of, output_text_tokens_arg, sequence_args,
                    sequence_of, variant_args, variants_of)
@@ -21,6 +25,18 @@ from .text import UserError, parse_size
 
 FORMATS = ("md", "csv", "latex")
 SCALES = {"1": 1, "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}
+# What each metric counts, for its caption (the models' conventions; `Model.metric_note` has the long form).
+METRIC_CAPTIONS = {
+    "flops": "FLOPs: 2 per multiply-add, matmul-class ops (linear, conv, matmul, attention)",
+    "elementwise_flops": "elementwise FLOPs: norms, softmax, activations, adds (matmul-class ops excluded)",
+    "bytes_read": "bytes read, unfused: every op reads its inputs and weights (views read nothing)",
+    "bytes_written": "bytes written, unfused: every op writes its outputs (views write nothing)",
+    "activation_bytes": "bytes of every op output written, summed over the run (not a memory need: the peak is)",
+}
+
+
+def metric_caption(metric: str) -> str:
+    return METRIC_CAPTIONS.get(metric, metric)
 
 
 @dataclass(frozen=True)
@@ -94,7 +110,8 @@ def markdown(rows: list[Row], metrics=METRICS, scale: str = "G", context: str = 
     for m in metrics:
         head = ["mode"] + [label for _, label, _ in rows[0].cells] + scopes
         left = 1 + sum(isinstance(v, str) for _, _, v in rows[0].cells)
-        lines = [f"**{m}{_scale_note(scale)} per page**" + (f" ({context})" if context else ""), "",
+        lines = [f"**{m}{_scale_note(scale)} per page** (" + "; ".join(filter(None, (context, metric_caption(m))))
+                 + ")", "",
                  "| " + " | ".join(head) + " |",
                  "|" + "|".join(["---"] * left + ["---:"] * (len(head) - left)) + "|"]
         for r in rows:
@@ -137,41 +154,114 @@ def _tex_cell(v) -> str:
 
 
 def _tex_label(label: str) -> str:
-    text = _tex(label[0].upper() + label[1:])
-    return text.replace("count x side", r"count$\times$side")
+    return re.sub(r"(\w) x (\w)", r"\1$\\times$\2", _tex(label))
 
 
-def latex(rows: list[Row], metrics=METRICS, scale: str = "G", context: str = "", model_label: str = "") -> str:
-    """One booktabs table per metric, ready to \\input."""
+# widths in pt at \small (9 pt) of what a cell holds, for splitting a table to the text width
+_COLUMN_SEP = 12.0    # \tabcolsep on both sides
+
+
+def _tex_width(cell: str) -> float:
+    """Estimated width in pt of a cell's LaTeX at \\small (a little generous); a nested tabular: its widest line."""
+    nested = re.fullmatch(r"\\begin\{tabular\}\[b\]\{@\{\}\w@\{\}\}(.*)\\end\{tabular\}", cell)
+    if nested:
+        return max(_tex_width(line.strip()) for line in nested.group(1).split(r"\\"))
+    w = 7.5 * cell.count(r"$\times$")
+    cell = cell.replace(r"$\times$", "")
+    for tt in re.findall(r"\\texttt\{([^}]*)\}", cell):
+        w += 4.8 * len(tt.replace("\\_", "_"))
+    cell = re.sub(r"\\texttt\{[^}]*\}", "", cell).replace("{,}", ",").replace("\\_", "_").replace("--", "\u2013")
+    return w + sum(8.4 if c in "MW" else 7.7 if c == "m" else 7.0 if c == "+" else 6.8 if c.isupper() or c == "w"
+                   else 2.6 if c in ",.()-'il " else 3.6 if c in "frt" else 4.6 if c.isdigit() or c == "\u2013"
+                   else 5.0 for c in cell)
+
+
+def _header_lines(label: str) -> list[str]:
+    """A header's label in one or two lines: split at a space outside parentheses (else any space, or
+    after a dot), nearest the middle."""
+    depth, outside, inside = 0, [], []
+    for i, c in enumerate(label):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if c == " ":
+            (inside if depth else outside).append(i)
+    cuts = outside or inside or [i + 1 for i, c in enumerate(label[:-1]) if c == "."]
+    if not cuts:
+        return [label]
+    i = min(cuts, key=lambda i: max(i, len(label) - i))
+    return [label[:i].strip(), label[i:].strip()]
+
+
+def _header(label: str, align: str, width_of_data: float, tt: bool = False) -> str:
+    """A header cell: on two lines (a nested tabular, bottom-aligned) where one line would widen its column."""
+    if tt:
+        tex = lambda t, first=True: r"\texttt{" + _tex(t) + "}"
+    else:
+        tex = lambda t, first=True: _tex_label(t[0].upper() + t[1:] if first else t)
+    one = tex(label)
+    lines = _header_lines(label)
+    if len(lines) == 1 or _tex_width(one) <= width_of_data:
+        return one
+    return rf"\begin{{tabular}}[b]{{@{{}}{align}@{{}}}}{tex(lines[0])}\\ {tex(lines[1], False)}\end{{tabular}}"
+
+
+def _column_groups(widths: list[float], keys: int, text_width: float) -> list[list[int]]:
+    """Column indices per tabular: the first `keys` in each, the others packed in order to fit."""
+    if not text_width or sum(widths) <= text_width:
+        return [list(range(len(widths)))]
+    key_w = sum(widths[:keys])
+    groups, cur, used = [], [], key_w
+    for i in range(keys, len(widths)):
+        if cur and used + widths[i] > text_width:
+            groups.append(cur)
+            cur, used = [], key_w
+        cur.append(i)
+        used += widths[i]
+    groups.append(cur)
+    return [list(range(keys)) + g for g in groups]
+
+
+def latex(rows: list[Row], metrics=METRICS, scale: str = "G", context: str = "", model_label: str = "",
+          text_width: float = TEXT_WIDTH) -> str:
+    """One booktabs table per metric, ready to \\input, after its preamble (% comments). A table wider
+    than `text_width` pt (0: never) is split into stacked tabulars that repeat the key columns."""
     scopes, k = scopes_of(rows), SCALES[scale]
     unit = "" if scale == "1" else rf" ($10^{{{len(str(k)) - 1}}}$)"
-    blocks = []
+    blocks = [f"% needs: {line}" for line in TABLE_PREAMBLE]
+    keys = 1 + min(1, len(rows[0].cells))          # the mode and the row's first cell (a grid)
     for m in metrics:
         kinds = ["l" if isinstance(v, str) else "r" for _, _, v in rows[0].cells]
         cols = "l" + "".join(kinds) + "r" * len(scopes)
-        head = ["Mode"] + [_tex_label(label) for _, label, _ in rows[0].cells] + \
-            [r"\texttt{" + _tex(s) + "}" for s in scopes]
-        lines = [r"\begin{table}[t]", r"\centering", r"\small",
-                 rf"\caption{{{_tex(model_label)}: {_tex(m)}{unit} per page by scope"
-                 + (f"; {_tex(context)}" if context else "") + ".}",
-                 rf"\label{{tab:costgraph-{m}}}",
-                 rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
-        for r in rows:
-            cells = [_tex(r.mode)] + [_tex_cell(v) for _, _, v in r.cells]
-            lines.append(" & ".join(cells + _cells(r, scopes, m, k, _tex_number, "--")) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        body = [[_tex(r.mode)] + [_tex_cell(v) for _, _, v in r.cells] + _cells(r, scopes, m, k, _tex_number, "--")
+                for r in rows]
+        data = [max(_tex_width(c) for c in col) for col in zip(*body)]
+        labels = [("mode", False)] + [(label, False) for _, label, _ in rows[0].cells] + [(s, True) for s in scopes]
+        head = [_header(label, cols[i], data[i] if text_width else float("inf"), tt)   # 0: one-line headers
+                for i, (label, tt) in enumerate(labels)]
+        widths = [max(_tex_width(h), d) + _COLUMN_SEP for h, d in zip(head, data)]
+        caption = f"{_tex(model_label)}: {_tex(m)}{unit} per page by scope; {_tex(metric_caption(m))}" + \
+            (f"; {_tex(context)}" if context else "") + "."
+        lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}",
+                 rf"\label{{tab:costgraph-{m}}}"]
+        for n, group in enumerate(_column_groups(widths, keys, text_width * 0.95)):
+            if n:
+                lines += ["", r"\medskip"]
+            lines += [rf"\begin{{tabular}}{{{''.join(cols[i] for i in group)}}}", r"\toprule",
+                      " & ".join(head[i] for i in group) + r" \\", r"\midrule"]
+            lines += [" & ".join(cells[i] for i in group) + r" \\" for cells in body]
+            lines += [r"\bottomrule", r"\end{tabular}"]
+        lines.append(r"\end{table}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
 def render(rows: list[Row], fmt: str, metrics=METRICS, scale: str = "G", context: str = "",
-           model_label: str = "") -> str:
+           model_label: str = "", text_width: float = TEXT_WIDTH) -> str:
     if fmt == "md":
         return markdown(rows, metrics, scale, context)
     if fmt == "csv":
         return to_csv(rows, metrics)
     if fmt == "latex":
-        return latex(rows, metrics, scale, context, model_label)
+        return latex(rows, metrics, scale, context, model_label, text_width)
     raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
@@ -179,7 +269,8 @@ def render(rows: list[Row], fmt: str, metrics=METRICS, scale: str = "G", context
 
 def context_line(sequence: dict, dtype: str, variants) -> str:
     seq = "".join(f"{k}={v}, " for k, v in sequence.items())
-    return f"{seq}dtype={dtype}, {variants.label()}; FLOPs: 2 per multiply-add, matmul-class ops"
+    """The inputs every table shares (what each metric counts is its own caption: `metric_caption`)."""
+    return f"{seq}dtype={dtype}, {variants.label()}"
 
 
 def add_parser(sub) -> None:
@@ -197,6 +288,10 @@ def add_parser(sub) -> None:
     dtype_arg(q)
     variant_args(q)
     max_num_arg(q)
+    q.add_argument("--text-width", type=float, default=TEXT_WIDTH, metavar="PT",
+                   help="latex: a table wider than this many pt is split into stacked tabulars, each repeating "
+                        "the mode and grid columns; 0 never splits (default: %(default)g, the article class's "
+                        "\\textwidth)")
     q.add_argument("--out", metavar="FILE", help="write here (atomically) instead of printing")
     q.set_defaults(fn=cmd_table)
 
@@ -207,11 +302,14 @@ def cmd_table(args) -> int:
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"unknown metric {bad[0]!r} (choose from {', '.join(METRICS)})")
+    if not 0 <= args.text_width < float("inf"):
+        raise UserError(f"--text-width must be a width in pt >= 0 (0: never split), got {args.text_width}")
     spec = parse_rows(args.rows or model.default_table_rows)
     variants = variants_of(model, args)
     seq = sequence_of(model, args)
     rows = build_rows(spec, seq, variants, metrics, args.dtype, model, args.max_num, **input_options(args))
-    text = render(rows, args.format, metrics, args.scale, context_line(seq, args.dtype, variants), model.label)
+    text = render(rows, args.format, metrics, args.scale, context_line(seq, args.dtype, variants), model.label,
+                  args.text_width)
     if args.out:
         write_atomic(args.out, text)
         print(f"wrote {args.out} ({len(rows)} rows, {args.format})")

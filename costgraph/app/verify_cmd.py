@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 
 from costgraph.io import write_atomic
 from costgraph.render import table
@@ -17,6 +18,7 @@ from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
 from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
+from graphs.pages import PageWarning, page_size
 from .args import max_num_arg, model_arg
 from .models import get_model
 from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
@@ -101,8 +103,10 @@ def _request(args):
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
     else:
         modes = [get_mode(args.mode)]
-    if args.image and not os.path.isfile(args.image):
-        raise UserError(f"no such image file: {args.image}")
+    if args.image:  # a missing, unreadable or oversized page is refused before any run (its note comes later)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PageWarning)
+            page_size(args.image)
     groups, compared = _metrics(args)
     extra = {**_lm_extra(args), "metrics": compared}
     if args.dtype:

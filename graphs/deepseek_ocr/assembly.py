@@ -16,7 +16,7 @@ from . import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
 from costgraph.ops import more_than_one
-from graphs.pages import open_page
+from graphs.pages import page_size
 from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
@@ -146,8 +146,8 @@ def scopes_for(mode: Mode | None, lm: bool = True) -> tuple[str, ...]:
 
 
 def layout_for_image(path: str, mode: Mode, max_num: int = MAX_CROPS) -> Layout:
-    with open_page(path) as img:
-        return layout_for(img.width, img.height, mode, max_num=max_num)
+    """The layout of a page file: its size as the vendor sees it (EXIF orientation applied)."""
+    return layout_for(*page_size(path), mode, max_num=max_num)
 
 
 COMPRESSION_BASIS = f"output_text_tokens / {VALID_TOKENS} (the vendor's int rule)"
@@ -176,8 +176,8 @@ def formula(mode: Mode | None, scope: str, metric: str, variants: Variants = VEN
     Language-model scopes keep text_tokens (and, for decode, output_tokens) symbolic; `variants`
     chooses the attention implementation, the lm_head positions and the RoPE table computation.
     """
-    if scope in COMPOSITE:
-        return sp.expand(sum(formula(mode, s, metric, variants) for s in COMPOSITE[scope]))
+    if scope in COMPOSITE:  # left unexpanded: a closed form expands it after its assumptions simplify it
+        return sp.Add(*[formula(mode, s, metric, variants) for s in COMPOSITE[scope]])
     crop_mode = True if mode is None else mode.crop_mode
     g = vision_graph(crop_mode) if scope in SCOPES else model_graph(crop_mode, variants)
     if scope not in g.scopes:

@@ -161,9 +161,9 @@ def num_queries(side, patch=S.patch_size, ratio=S.downsample_ratio):
 
 def crops_run(w=S.w_crop, h=S.h_crop):
     """Indicator that the crop branch runs: the layout [1, 1] (never chosen when tiling) means no crops.
-    Named for closed forms: one factor 1[w h > 1] of the crop terms."""
+    Named for closed forms: one factor [w h > 1] (an Iverson bracket: 1 when true, else 0) of the crop terms."""
     return name_indicator(sp.Piecewise((0, sp.Eq(w * h, 1)), (1, True)), "crops_run",
-                          r"\mathbb{1}[w_{\mathrm{crop}} h_{\mathrm{crop}} > 1]")
+                          r"[w_{\mathrm{crop}} h_{\mathrm{crop}} > 1]")
 
 
 def image_tokens(mode: Mode | None = None, w=S.w_crop, h=S.h_crop) -> dict:

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from costgraph import forms
 from costgraph.model import Model, Point
-from graphs.pages import open_page
+from graphs.pages import page_size
 from . import symbols as S
 from .config import DEFAULT, DEFAULT_VARIANT, VARIANTS, VitConfig, get_variant
 from .graph import SCOPES, build_graph, dtype_values, grid, mode_values, num_patches, num_tokens
@@ -92,8 +92,7 @@ class ViT(Model):
         if grid is not None:
             raise ValueError(f"{self.name} has no crop grid: give --size or --image")
         if image is not None:
-            with open_page(image) as img:
-                size = (img.width, img.height)
+            size = page_size(image)
         w, h = size if size is not None else (mode.image_size, mode.image_size)
         if w <= 0 or h <= 0:
             raise ValueError(f"image size must be positive integers, got {w}x{h}")
