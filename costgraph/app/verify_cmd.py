@@ -17,7 +17,7 @@ from costgraph.render import table
 from graphs.deepseek_ocr import assembly as model_graph
 from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
 from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
-from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
+from graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
 from graphs.pages import PageWarning, page_size
 from .args import max_num_arg, model_arg
 from .models import get_model
@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     g.add_argument("--image", metavar="PATH", help="a page image: real preprocessing (Pillow) and its layout")
     g.add_argument("--size", type=parse_size, metavar="WxH", help="a page size: its layout")
     g.add_argument("--grid", type=parse_size, metavar="AxB", help="a crop grid directly (1x1: no crops)")
+    q.add_argument("--what-if", action="store_true",
+                   help="accept a --grid the layout cannot produce under --max-num (labelled what-if)")
     g.add_argument("--all-grids", action="store_true",
                    help="every crop grid the layout can produce plus no crops, and every native mode")
     g.add_argument("--symbolic", action="store_true",
@@ -103,6 +105,12 @@ def _request(args):
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
     else:
         modes = [get_mode(args.mode)]
+    if args.grid:  # the one rule: a grid the layout never produces under --max-num only as a labelled what-if
+        for mode in modes:
+            layout_for_grid(*args.grid, mode)
+            note = check_grid(args.grid, mode, args.max_num, args.what_if)
+            if note:
+                print(f"costgraph: note: {note}", file=sys.stderr)
     if args.image:  # a missing, unreadable or oversized page is refused before any run (its note comes later)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PageWarning)
