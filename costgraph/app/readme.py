@@ -26,11 +26,13 @@ The marker's options, comma-separated (the command, when there is one, comes las
 - `machine`: some numbers depend on this machine (seconds, memory, rates). Masked, in the README and in the
   fresh output alike, before comparing: every number followed by a unit of time or memory (`s`, `ms`, `us`,
   `ns`, `KiB`, `MiB`, `GiB`, `KB`, `MB`, `GB`, with or without a space) and every number followed by `x`
-  (a speed-up, `48,191,191x faster`, not a grid such as `2x3`); runs of spaces count as one (a column's
-  width follows its widest, masked, value). Every other number must match exactly.
+  (a speed-up, `48,191,191x faster`, not a grid such as `2x3`). Every other number must match exactly.
 - `column=NAME`: in a text table (a header line over a line of dashes, `----  ---`), mask the cells of the
   column headed NAME (verify's `s` column of seconds). Repeat it for more columns.
 - `mask=REGEX`: mask what REGEX matches on every line (a machine-dependent name: which form was slowest).
+
+With any of the last three, runs of spaces count as one (a column's width follows its widest, masked, value)
+and a masked column's line of dashes counts as one dash.
 
 Commands run in this process through `costgraph.app.cli.main`, stdout captured, each once per process (the
 check and a test may ask again for free). A `--out` or `--report` path is replaced by one in a temporary
@@ -119,9 +121,9 @@ class Result:
 def parse_marker(body: str, where: str) -> tuple[dict, str | None]:
     """`run, machine, column=s $ costgraph ...` -> ({option: [values]}, command text or None)."""
     command = None
-    if "$" in body:
-        body, _, command = body.partition("$")
-        command = command.strip()
+    m = re.search(r"(?:^|\s)\$\s+(\S.*)$", body)  # ` $ costgraph ...` (a mask's `$` anchor is not followed by a word)
+    if m:
+        body, command = body[:m.start()], m.group(1).strip()
         if not command.startswith("costgraph"):
             raise ReadmeError(f"{where}: the marker's command must start with `costgraph`: {command!r}")
     parts = re.split(r",\s*(?=(?:%s)\b)" % "|".join(KNOWN), body.strip().rstrip(","))
