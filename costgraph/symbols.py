@@ -49,7 +49,7 @@ def declare(name: str, *, latex: str, term: str | None = None, doc: str = "", **
 
 
 def doc(sym: sp.Symbol, package: str | None = None) -> str:
-    """What a symbol means: as a module of `package` (a model's, e.g. graphs.vit) declared it, else
+    """What a symbol means: as a module of `package` (a model's, e.g. costgraph.graphs.vit) declared it, else
     the registry's words."""
     if package:
         for (name, module), words in DOCS.items():

@@ -9,8 +9,8 @@ import pytest
 import sympy as sp
 
 from costgraph.cost import METRICS
-from graphs.deepseek_ocr import symbols as S
-from verify.profile import count_views
+from costgraph.graphs.deepseek_ocr import symbols as S
+from costgraph.verify.profile import count_views
 
 
 def test_layout_a4(cli):
@@ -161,7 +161,7 @@ def cost_all():
 
 def test_cost_metrics_all_acceptance(cost_all):
     """Every metric per scope; params total = the checkpoint: both references' sum(p.numel()) on meta."""
-    from verify.weights import lm_reference_parts, vision_reference_parts
+    from costgraph.verify.weights import lm_reference_parts, vision_reference_parts
 
     data = cost_all
     assert list(data["totals"]) == list(data["derived"]) == ["vision", "decoder.prefill", "decoder.decode", "e2e"]

@@ -4,14 +4,14 @@ import pytest
 import sympy as sp
 import torch
 
-from graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import substitute
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import LM, MODES, LMConfig
-from graphs.deepseek_ocr.decoder import Variants, decoder_graph, prompt_length
-from graphs.deepseek_ocr.layout import all_grids, crops_run, layout_for_grid, tokens_for
-from verify.lm_profile import DECODE, PREFILL, LMRequest, verify_lm
-from verify.lm_reference import build_language_model, check_dtypes
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import LM, MODES, LMConfig
+from costgraph.graphs.deepseek_ocr.decoder import Variants, decoder_graph, prompt_length
+from costgraph.graphs.deepseek_ocr.layout import all_grids, crops_run, layout_for_grid, tokens_for
+from costgraph.verify.lm_profile import DECODE, PREFILL, LMRequest, verify_lm
+from costgraph.verify.lm_reference import build_language_model, check_dtypes
 
 GUNDAM, TINY = MODES["gundam"], MODES["tiny"]
 SMALL = LMConfig(hidden=64, layers=3, heads=4, head_dim=16, vocab=101, dense_intermediate=96,

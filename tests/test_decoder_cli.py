@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from graphs.deepseek_ocr.config import LM
+from costgraph.graphs.deepseek_ocr.config import LM
 
 
 def lm_forward(tokens: int, context: int, last_only: bool = False) -> int:

@@ -5,17 +5,17 @@ import pytest
 import sympy as sp
 import torch
 
-from graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.ops import converts, prod
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import LM, MODES, LMConfig
-from graphs.deepseek_ocr.decoder import (Variants, decoder_graph, experts_hit_bound, kv_cache_bytes,
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import LM, MODES, LMConfig
+from costgraph.graphs.deepseek_ocr.decoder import (Variants, decoder_graph, experts_hit_bound, kv_cache_bytes,
                             kv_cache_bytes_per_token, prompt_length)
-from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
-from verify.lm_profile import (DECODE, KV_CACHE, OTHER_METRICS, PREFILL, LMRequest, checked_metrics, compare_lm,
+from costgraph.graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
+from costgraph.verify.lm_profile import (DECODE, KV_CACHE, OTHER_METRICS, PREFILL, LMRequest, checked_metrics, compare_lm,
                                lm_graph, module_for, run_reference, verify_lm)
-from verify.lm_reference import build_language_model
+from costgraph.verify.lm_reference import build_language_model
 
 TINY, GUNDAM = MODES["tiny"], MODES["gundam"]
 SMALL = LMConfig(hidden=64, layers=3, heads=4, head_dim=16, vocab=101, dense_intermediate=96,

@@ -17,13 +17,13 @@ from costgraph import forms  # noqa: E402
 from costgraph.cost import METRICS  # noqa: E402
 from costgraph.dtypes import STORAGE  # noqa: E402
 from costgraph.evaluate import Compiled, substitute  # noqa: E402
-from graphs.deepseek_ocr import MODEL  # noqa: E402
-from graphs.deepseek_ocr import assembly as model  # noqa: E402
-from graphs.deepseek_ocr import symbols as S  # noqa: E402
-from graphs.deepseek_ocr.config import MODES  # noqa: E402
-from graphs.deepseek_ocr.config import LM  # noqa: E402
-from graphs.deepseek_ocr.decoder import prompt_length  # noqa: E402
-from graphs.deepseek_ocr.layout import crops_run, layout_for_grid  # noqa: E402
+from costgraph.graphs.deepseek_ocr import MODEL  # noqa: E402
+from costgraph.graphs.deepseek_ocr import assembly as model  # noqa: E402
+from costgraph.graphs.deepseek_ocr import symbols as S  # noqa: E402
+from costgraph.graphs.deepseek_ocr.config import MODES  # noqa: E402
+from costgraph.graphs.deepseek_ocr.config import LM  # noqa: E402
+from costgraph.graphs.deepseek_ocr.decoder import prompt_length  # noqa: E402
+from costgraph.graphs.deepseek_ocr.layout import crops_run, layout_for_grid  # noqa: E402
 
 # every grid with w*h >= 2 up to 12 x 12 (beyond the layout's 9: the algebra must hold anyway),
 # crossed with prompt-text and output lengths

@@ -13,14 +13,21 @@ from pathlib import Path
 import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("costgraph", "graphs", "verify")
+
+
+# the folders and the names they install under (pyproject.toml's package-dir)
+PACKAGES = {"costgraph": "costgraph", "graphs": "costgraph.graphs", "verify": "costgraph.verify"}
 
 
 def floor(module: str) -> str:
     # `python -m costgraph` is an entry point into the app, not part of the engine
     if module.startswith("costgraph.app") or module == "costgraph.__main__":
         return "app"
-    return {"costgraph": "engine", "graphs": "models", "verify": "verify"}[module.split(".")[0]]
+    if module.startswith("costgraph.graphs"):
+        return "models"
+    if module.startswith("costgraph.verify"):
+        return "verify"
+    return "engine"
 
 
 # which floors each floor may import
@@ -30,13 +37,12 @@ ALLOWED = {"engine": {"engine"}, "models": {"engine", "models"}, "verify": {"eng
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            rel = path.relative_to(ROOT).with_suffix("")
-            parts = list(rel.parts)
+    for folder, name in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            out[".".join(parts)] = path
+            out[".".join([name] + parts)] = path
     return out
 
 
@@ -98,10 +104,10 @@ def test_no_import_cycle():
 def test_the_layering_test_sees_a_violation(tmp_path, monkeypatch):
     """The checks above are not vacuous: an engine module importing a model is caught."""
     fake = ROOT / "costgraph" / "_layering_probe.py"
-    fake.write_text("def f():\n    from graphs.deepseek_ocr import layout\n")
+    fake.write_text("def f():\n    from costgraph.graphs.deepseek_ocr import layout\n")
     try:
         bad = [(s, d) for s, d, _, local in edges() if s == "costgraph._layering_probe"]
-        assert bad == [("costgraph._layering_probe", "graphs.deepseek_ocr.layout")]
+        assert bad == [("costgraph._layering_probe", "costgraph.graphs.deepseek_ocr.layout")]
         assert floor(bad[0][1]) not in ALLOWED[floor(bad[0][0])]
     finally:
         fake.unlink()

@@ -2,8 +2,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from graphs.deepseek_ocr.config import MODES
-from graphs.deepseek_ocr.layout import candidate_grids, layout_for, padded_size, tokens_for
+from costgraph.graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr.layout import candidate_grids, layout_for, padded_size, tokens_for
 
 GUNDAM = MODES["gundam"]
 

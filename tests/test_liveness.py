@@ -60,10 +60,10 @@ def test_symbolic_max_keeps_incomparable_candidates():
 
 # ---- the real graphs ------------------------------------------------------------------------------
 
-from graphs.deepseek_ocr import assembly as model                                            # noqa: E402
-from graphs.deepseek_ocr.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig, get_mode  # noqa: E402
-from graphs.deepseek_ocr.decoder import decoder_graph                                            # noqa: E402
-from graphs.deepseek_ocr.layout import layout_for_grid                                           # noqa: E402
+from costgraph.graphs.deepseek_ocr import assembly as model                                            # noqa: E402
+from costgraph.graphs.deepseek_ocr.config import ClipConfig, LMConfig, Mode, SamConfig, VisionConfig, get_mode  # noqa: E402
+from costgraph.graphs.deepseek_ocr.decoder import decoder_graph                                            # noqa: E402
+from costgraph.graphs.deepseek_ocr.layout import layout_for_grid                                           # noqa: E402
 
 SMALL_VISION = VisionConfig(sam=SamConfig(width=32, depth=3, heads=2, mlp_dim=64, global_blocks=(2,), neck_channels=16,
                                           compressor_channels=(24, 32)),
@@ -131,9 +131,9 @@ def test_vision_peak_against_a_measured_run():
     widths. Not exact: the run frees a tensor when Python drops its last reference (SAM's
     attention keeps `qkv` and the rel-pos mask to its end), the graph after its last consumer, so
     measured >= predicted; documented bound: within 1.3x (full size, A4 page: 1.16 crops, 1.02 global)."""
-    from verify.memory import measure_vision
-    from verify.preprocess import random_views
-    from verify.reference import build_page_reference
+    from costgraph.verify.memory import measure_vision
+    from costgraph.verify.preprocess import random_views
+    from costgraph.verify.reference import build_page_reference
 
     ref = build_page_reference("cpu", cfg=SMALL_VISION)
     g = model.vision_graph(True, SMALL_VISION)

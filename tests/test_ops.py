@@ -1,5 +1,5 @@
 """Each op formula against the real torch op, for random shapes: FLOPs against FlopCounterMode;
-elementwise FLOPs and bytes against `verify.dispatch.MetricRecorder` on CPU, at fp32 and bf16."""
+elementwise FLOPs and bytes against `costgraph.verify.dispatch.MetricRecorder` on CPU, at fp32 and bf16."""
 import sympy as sp
 import torch
 import torch.nn.functional as F
@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from costgraph import ops
 from costgraph import symbols as S
-from verify.dispatch import MetricRecorder
+from costgraph.verify.dispatch import MetricRecorder
 
 dim = st.integers(1, 9)
 settings.register_profile("fast", max_examples=25, deadline=None)

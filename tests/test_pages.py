@@ -9,9 +9,9 @@ import zlib
 import pytest
 from PIL import Image, ImageFile
 
-from graphs.pages import PageWarning, open_page, page_size
-from verify.preprocess import views_from_file
-from graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.pages import PageWarning, open_page, page_size
+from costgraph.verify.preprocess import views_from_file
+from costgraph.graphs.deepseek_ocr.config import MODES
 
 A0_300DPI = (9933, 14043)  # 139,489,119 pixels: over Pillow's warning limit, under its error limit
 

@@ -5,10 +5,10 @@ import sympy as sp
 import torch
 
 from costgraph import params as P
-from graphs.deepseek_ocr import symbols as S
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import LM, LMConfig, VISION
-from graphs.deepseek_ocr.decoder import decoder_graph
+from costgraph.graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import LM, LMConfig, VISION
+from costgraph.graphs.deepseek_ocr.decoder import decoder_graph
 
 SMALL = LMConfig(hidden=64, layers=3, heads=4, head_dim=16, vocab=101, dense_intermediate=96,
                  routed_experts=8, experts_per_token=3, moe_intermediate=24, shared_experts=2)
@@ -24,7 +24,7 @@ def reference_count(module) -> int:
 
 
 def lm_reference_count(cfg: LMConfig) -> int:
-    from verify.lm_reference import LanguageModel
+    from costgraph.verify.lm_reference import LanguageModel
 
     with torch.device("meta"):
         return reference_count(LanguageModel(cfg))
@@ -32,7 +32,7 @@ def lm_reference_count(cfg: LMConfig) -> int:
 
 @pytest.fixture(scope="module")
 def page_reference():
-    from verify.reference import build_page_reference
+    from costgraph.verify.reference import build_page_reference
 
     return build_page_reference("meta")
 

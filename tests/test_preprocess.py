@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from graphs.deepseek_ocr.config import MODES
-from graphs.deepseek_ocr.layout import layout_for, layout_for_grid
-from verify.preprocess import (Views, check_views, crop_images, expected_shapes, meta_views, random_views,
+from costgraph.graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr.layout import layout_for, layout_for_grid
+from costgraph.verify.preprocess import (Views, check_views, crop_images, expected_shapes, meta_views, random_views,
                                to_tensor, views_from_file, views_from_image)
 
 A4 = "graphs/samples/a4_page.png"

@@ -10,8 +10,8 @@ from costgraph import symbols as S
 from costgraph.cost import METRICS, Cost
 from costgraph.graph import CostGraph
 from costgraph.hardware import PRESETS, Hardware, calibrate, get_hardware
-from graphs.deepseek_ocr import MODEL
-from graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr import MODEL
+from costgraph.graphs.deepseek_ocr.config import MODES
 
 HW = Hardware("toy", tensor_flops=1e12, vector_flops=1e10, bandwidth=1e11, memory=1e9)
 k = sp.Symbol("k", integer=True, positive=True)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from costgraph.app import sweep as SW
 from costgraph.cost import METRICS
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import MODES
-from graphs.deepseek_ocr.layout import candidate_grids, layout_for, layouts_for
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr.layout import candidate_grids, layout_for, layouts_for
 
 GUNDAM = MODES["gundam"]
 

@@ -7,9 +7,9 @@ import pytest
 
 from costgraph.app import tables
 from costgraph.cost import METRICS
-from graphs.deepseek_ocr import MODEL
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr import MODEL
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import MODES
 
 
 def test_default_rows_tokens_and_views():

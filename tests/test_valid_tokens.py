@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from costgraph.app import sweep as SW
 from costgraph.app import tables
-from graphs.deepseek_ocr.config import MODES, Mode
-from graphs.deepseek_ocr.layout import (compression_ratio, layout_for, layout_for_grid, layouts_for, padded_size, valid_tokens,
+from costgraph.graphs.deepseek_ocr.config import MODES, Mode
+from costgraph.graphs.deepseek_ocr.layout import (compression_ratio, layout_for, layout_for_grid, layouts_for, padded_size, valid_tokens,
                            valid_tokens_for)
 
 GUNDAM, GUNDAM_M = MODES["gundam"], MODES["gundam-m"]

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from costgraph.graph import CostGraph
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr import vision
-from graphs.deepseek_ocr.config import MODES, ClipConfig, SamConfig, VisionConfig
-from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
-from verify import mapping
-from verify.compare import Row
-from verify.preprocess import meta_views, views_from_file
-from verify.profile import COMPUTE_OP, count_views
-from verify.reference import DeepSeekOCRVision, build_page_reference
-from verify.runner import SEQUENCE_NODE, compare_page, measure_page, verify_views
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr import vision
+from costgraph.graphs.deepseek_ocr.config import MODES, ClipConfig, SamConfig, VisionConfig
+from costgraph.graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
+from costgraph.verify import mapping
+from costgraph.verify.compare import Row
+from costgraph.verify.preprocess import meta_views, views_from_file
+from costgraph.verify.profile import COMPUTE_OP, count_views
+from costgraph.verify.reference import DeepSeekOCRVision, build_page_reference
+from costgraph.verify.runner import SEQUENCE_NODE, compare_page, measure_page, verify_views
 
 GUNDAM = MODES["gundam"]
 PER_VIEW_COSTED = 210  # SAM 1 + 12*7 + 4 convs, CLIP 24*5, projector 1
@@ -162,7 +162,7 @@ def test_cli_json_and_markdown_report(cli, tmp_path):
 
 
 def test_cli_exit_1_and_failing_rows_on_mismatch(cli, monkeypatch):
-    import verify.runner as runner
+    import costgraph.verify.runner as runner
 
     real = runner.measure_page
 

@@ -1,8 +1,8 @@
 """Symbolic cross-check: torch's own sympy FLOPs for a symbolic crop batch equal the graph's expression."""
 import sympy as sp
 
-from graphs.deepseek_ocr import symbols as S
-from verify.symbolic import crop_branch_check, to_sympy
+from costgraph.graphs.deepseek_ocr import symbols as S
+from costgraph.verify.symbolic import crop_branch_check, to_sympy
 
 
 def test_crop_branch_symbolic_batch_equals_graph():

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr import symbols as S
 from costgraph.evaluate import Compiled, substitute
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr.config import MODES
-from graphs.deepseek_ocr.layout import all_grids, layout_for_grid
-from verify.profile import count_views
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr.layout import all_grids, layout_for_grid
+from costgraph.verify.profile import count_views
 
 GUNDAM = MODES["gundam"]
 
@@ -72,7 +72,7 @@ def test_general_formula_matches_every_mode():
 
 
 def test_token_grid_of_graph_matches_token_count():
-    from graphs.deepseek_ocr.layout import image_tokens
+    from costgraph.graphs.deepseek_ocr.layout import image_tokens
     g = model.vision_graph(True)
     seq = [n for n in g.nodes() if n.endswith("assemble.sequence")][0]
     slots = g.g.nodes[seq]["out_shape"][0]

@@ -13,15 +13,15 @@ from dataclasses import replace
 
 import pytest
 
-from graphs.deepseek_ocr import assembly as model
-from graphs.deepseek_ocr import symbols as S
-from graphs.deepseek_ocr.config import ClipConfig, Mode, SamConfig, VisionConfig, get_mode
-from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
-from verify import mapping
-from verify.dispatch import Call, MetricRecorder
-from verify.preprocess import random_views
-from verify.reference import build_page_reference
-from verify.runner import (TORCH_DTYPES, compare_metrics, compare_page, measure_page, predictor, verify_views)
+from costgraph.graphs.deepseek_ocr import assembly as model
+from costgraph.graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr.config import ClipConfig, Mode, SamConfig, VisionConfig, get_mode
+from costgraph.graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
+from costgraph.verify import mapping
+from costgraph.verify.dispatch import Call, MetricRecorder
+from costgraph.verify.preprocess import random_views
+from costgraph.verify.reference import build_page_reference
+from costgraph.verify.runner import (TORCH_DTYPES, compare_metrics, compare_page, measure_page, predictor, verify_views)
 
 SMALL = VisionConfig(sam=SamConfig(width=32, depth=3, heads=2, mlp_dim=64, global_blocks=(2,), neck_channels=16,
                                    compressor_channels=(24, 32)),
@@ -106,7 +106,7 @@ def test_no_crops_and_bf16_casts(references):
 
 
 def test_compressor_clone_is_measured_like_the_vendor(references):
-    """The vendor's `net_3(x2.clone())` (SPEC section 4 step 5) runs in the reference (verify.reference
+    """The vendor's `net_3(x2.clone())` (SPEC section 4 step 5) runs in the reference (costgraph.verify.reference
     item 7) as one aten.clone in `proj`, matched by the graph's `sam.net_2.clone` node. Sizes by hand
     (SMALL: net_2 gives 24 channels at half the grid): the global view 256 -> g = 16 -> 24 x 8 x 8,
     the six 224 crops -> g = 14 -> 6 x 24 x 7 x 7; 4 bytes each in fp32."""

@@ -3,7 +3,7 @@
 FLOPs of ViT-B/16 on `meta` (cheap at any size): 224, 384, a side that is not a multiple of the
 patch (the conv drops the leftover pixels), another patch side and a batch. Elementwise FLOPs,
 bytes and activation bytes on real CPU kernels, fp32 and bf16, with a narrow two-layer config (the
-real structure; full width runs in `python -m verify.vit`). The closed form is checked against a
+real structure; full width runs in `python -m costgraph.verify.vit`). The closed form is checked against a
 hand count of the architecture, and the commits that added the model against the engine.
 """
 import copy
@@ -17,9 +17,9 @@ import sympy as sp
 import torch
 
 import costgraph.symbols as engine_symbols
-from graphs.vit import DEFAULT, VARIANTS, build_graph, num_tokens
-from graphs.vit import symbols as S
-from verify.vit import build_reference, verify_vit
+from costgraph.graphs.vit import DEFAULT, VARIANTS, build_graph, num_tokens
+from costgraph.graphs.vit import symbols as S
+from costgraph.verify.vit import build_reference, verify_vit
 
 SMALL = replace(DEFAULT, name="small", hidden=64, layers=2, heads=4, mlp_dim=128, num_labels=10)
 METRICS = ("elementwise_flops", "bytes_read", "bytes_written", "activation_bytes")
@@ -131,7 +131,7 @@ def test_closed_form_matches_a_hand_count():
 
 def test_symbols_are_the_engines_and_token_counts():
     # one symbol per name across the project: the engine's registry holds ViT's, DeepSeek-OCR's are the same
-    from graphs.deepseek_ocr import symbols as ocr_symbols
+    from costgraph.graphs.deepseek_ocr import symbols as ocr_symbols
 
     assert engine_symbols.SYMBOLS["image_size"].symbol is S.image_size
     assert engine_symbols.SYMBOLS["patch_size"].symbol is S.patch_size

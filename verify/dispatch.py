@@ -1,10 +1,10 @@
 """A dispatch-level recorder: every aten op of a real run, with the metrics of
 `costgraph.conventions` (elementwise FLOPs, bytes read and written), attributed like
-`verify.profile.OpCounter` to (section, innermost module, outermost torch call).
+`costgraph.verify.profile.OpCounter` to (section, innermost module, outermost torch call).
 
 Run a reference under `MetricRecorder()`; `calls` keeps every op in order, so a graph node
 can claim the k-th call of a kind inside a module when one module runs several alike.
-`python -m verify.trace` prints the trace of a small vision view or LM forward, module by
+`python -m costgraph.verify.trace` prints the trace of a small vision view or LM forward, module by
 module: the material the graph's formulas are written from.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ matmuls in `self_attn` (scores first, then probabilities x values) and the route
 alternating fused gate_up and down projections (`RULES`: one graph node per claim).
 
 Elementwise FLOPs and bytes (with `metrics`): every aten op of the run is recorded by
-`verify.dispatch.MetricRecorder` under `costgraph.conventions`, and compared per reference module
+`costgraph.verify.dispatch.MetricRecorder` under `costgraph.conventions`, and compared per reference module
 (`MODULES`): the nodes that run in one module form one group, predicted = the sum of their costs,
 measured = the sum of the module's ops (its own, not its children's). One node per module for
 the norms, projections, rotary tables, router parts, embedding, lm_head; several in
@@ -32,7 +32,7 @@ the command line's graph uses); the decode total is the closed-form summation at
 The reference's structure decides the variants it can check: attention `eager` only (no CPU
 kernel computes only the causal half; `flash` and `uncounted` are accounting variants, tested
 against eager in the unit tests); lm_head `all` or `last`; RoPE `vendor` (per-layer tables,
-see `verify.lm_reference`) or `once` (`transformers` 5.x unchanged).
+see `costgraph.verify.lm_reference`) or `once` (`transformers` 5.x unchanged).
 """
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, LM, LMConfig, Mode
-from graphs.deepseek_ocr.decoder import Variants, decoder_graph, experts_hit_bound, kv_cache_bytes_per_token
-from graphs.deepseek_ocr.layout import Layout, tokens_for
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, LM, LMConfig, Mode
+from costgraph.graphs.deepseek_ocr.decoder import Variants, decoder_graph, experts_hit_bound, kv_cache_bytes_per_token
+from costgraph.graphs.deepseek_ocr.layout import Layout, tokens_for
 from .compare import Comparison, Row
 from .dispatch import MetricRecorder
 from .profile import COMPUTE_OP, OpCounter
@@ -188,7 +188,7 @@ class LMRun:
     prompt_tokens: int
     steps: int
     calls: list[Call] = field(default_factory=list)
-    ops: list = field(default_factory=list)            # verify.dispatch.Call, with metrics (if recorded)
+    ops: list = field(default_factory=list)            # costgraph.verify.dispatch.Call, with metrics (if recorded)
     blind: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)   # generated ids (the first from the prefill)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -226,7 +226,7 @@ def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, de
     The prompt is [BOS] + image slots + text (random ids); the image slots' embeddings are
     replaced by `image_features` (the vision output, or random: FLOPs do not depend on it), cast
     to the model dtype beforehand (the vendor's vision tower runs in it). `metrics`: also record
-    every aten op with elementwise FLOPs and bytes (`verify.dispatch.MetricRecorder`).
+    every aten op with elementwise FLOPs and bytes (`costgraph.verify.dispatch.MetricRecorder`).
     """
     from transformers import DynamicCache
     from tqdm import tqdm
@@ -562,9 +562,9 @@ def _page_cases(req) -> list[tuple[Mode, Layout]]:
     if req.image:
         return [(m, model_graph.layout_for_image(req.image, m, req.max_num)) for m in req.modes]
     if req.grid:
-        from graphs.deepseek_ocr.layout import layout_for_grid
+        from costgraph.graphs.deepseek_ocr.layout import layout_for_grid
         return [(m, layout_for_grid(*req.grid, m)) for m in req.modes]
-    from graphs.deepseek_ocr.layout import layout_for
+    from costgraph.graphs.deepseek_ocr.layout import layout_for
     return [(m, layout_for(*req.size, m, max_num=req.max_num)) for m in req.modes]
 
 

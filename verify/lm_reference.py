@@ -15,7 +15,7 @@
   profiler then sees the vendor's per-layer work only. `rope="once"` is `transformers` unchanged.
 - Image slots: the vendor writes the image features into the embeddings in place
   (`masked_scatter_`); so does `LanguageModel.forward`. The features must already be in the
-  model dtype (the vendor's vision tower runs in it; `verify.lm_profile` casts them beforehand).
+  model dtype (the vendor's vision tower runs in it; `costgraph.verify.lm_profile` casts them beforehand).
 - Fast build of the 2.9B-parameter model: modules are created on `meta` (no storage, no random
   init), then given uninitialised CPU storage and filled by tiling one seeded random block per
   dtype (memory-bandwidth bound; the block length is prime, so no weight row repeats another).
@@ -28,7 +28,7 @@ import contextlib
 import torch
 from torch import nn
 
-from graphs.deepseek_ocr.config import LM, LMConfig
+from costgraph.graphs.deepseek_ocr.config import LM, LMConfig
 
 MAX_POSITIONS = 8192   # rotary cache size in the config; not a cost parameter
 _BLOCK = 1_000_003     # prime length of the random block tiled over every weight

@@ -2,7 +2,7 @@
 
 FLOPs (`RULES`): a claim is (module path, torch call): the FLOPs the profiler records for ops
 whose innermost module is that path and whose outermost torch call has that tag
-(`verify.profile`). Module paths are relative to `DeepSeekOCRVision` (the page reference). Names
+(`costgraph.verify.profile`). Module paths are relative to `DeepSeekOCRVision` (the page reference). Names
 differ on purpose: the graph uses the vendor's module names (`sam.blocks.3`, `sam.neck.0`,
 `sam.net_2`, `clip.transformer`), the reference the `transformers` ones (`sam.layers.3`,
 `sam.neck.conv1`, `sam.proj.conv1`, `clip.encoder`). Where the reference has no child module for
@@ -81,7 +81,7 @@ def node_claims(graph, scope: str) -> dict[str, tuple[Claim, ...]]:
 
 # ---- elementwise FLOPs and bytes: aten ops of a real CPU run ------------------------------------
 #
-# `verify.dispatch.MetricRecorder` records every aten op with (section, innermost module, outermost
+# `costgraph.verify.dispatch.MetricRecorder` records every aten op with (section, innermost module, outermost
 # torch call, aten op). A metric claim selects ops by module and optionally by call tag, aten op and
 # occurrence (the k-th op with that module, call and aten op in the section): one module may run
 # several ops of one kind (a block's two residual adds; the vendor's LayerNorm2d, op by op). Steps
@@ -156,7 +156,7 @@ METRIC_RULES: list[tuple[str, list[tuple]]] = [
     *[(rf"sam\.neck\.{k}\.{step}", [_c(f"{SAM}.neck.{norm}", call, None, occ)])
       for k, norm in NECK_NORM.items() for step, (call, occ) in LN2D.items()],
     (r"sam\.net_2", [_c(f"{SAM}.proj.conv1")]),
-    # the vendor's `net_3(x2.clone())`, run in the reference's `proj` itself (verify.reference item 7)
+    # the vendor's `net_3(x2.clone())`, run in the reference's `proj` itself (costgraph.verify.reference item 7)
     (r"sam\.net_2\.clone", [_c(f"{SAM}.proj", "clone", "clone")]),
     (r"sam\.net_3", [_c(f"{SAM}.proj.conv2")]),
     (r"clip\.embeddings\.cat", [_c(POS, "cat", "cat", 0)]),

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import stages
-from graphs.deepseek_ocr import MODEL
+from costgraph.graphs.deepseek_ocr import MODEL
 
 
 @dataclass
@@ -131,7 +131,7 @@ def measure_vision(views, model) -> LiveBytes:
 
 def measure_lm(model, prompt_tokens: int, image_slots: int, decode_steps: int, lm_head: str = "all",
                image_features=None, seed: int = 0) -> LiveBytes:
-    """The LM reference's greedy generation (`verify.lm_profile.run_reference`: prefill, then
+    """The LM reference's greedy generation (`costgraph.verify.lm_profile.run_reference`: prefill, then
     `decode_steps` forwards of one token), one section per forward: `decoder.prefill`,
     `decoder.decode[t=k]`. Sections open and close with the model's forward (hooks), so the
     logits of a forward count in its section. The KV cache of earlier steps is live when a
@@ -191,7 +191,7 @@ DTYPE_NAMES = {torch_dtype(name): name for name in STORAGE}
 
 def vision_peaks(views, model=None) -> list[PeakRow]:
     """Peak per view batch of the page reference on CPU (its dtype: the weights') against the graph."""
-    from graphs.deepseek_ocr import assembly as model_graph
+    from costgraph.graphs.deepseek_ocr import assembly as model_graph
     from .reference import build_page_reference
 
     model = build_page_reference("cpu") if model is None else model
@@ -213,8 +213,8 @@ def lm_peaks(mode, layout, text_tokens: int, decode_steps: int, variants, model=
              image_features=None) -> list[PeakRow]:
     """Peaks of the prefill and of each decode step of the LM reference (CPU) against the graph."""
     from costgraph import symbols as S
-    from graphs.deepseek_ocr import assembly as model_graph
-    from graphs.deepseek_ocr.layout import tokens_for
+    from costgraph.graphs.deepseek_ocr import assembly as model_graph
+    from costgraph.graphs.deepseek_ocr.layout import tokens_for
     from .lm_reference import build_language_model
 
     if model is None:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from graphs.deepseek_ocr.config import MAX_CROPS, NORM_MEAN, NORM_STD, PAD_FILL, VISION, Mode
-from graphs.deepseek_ocr.layout import Layout, layout_for
-from graphs.pages import open_page
+from costgraph.graphs.deepseek_ocr.config import MAX_CROPS, NORM_MEAN, NORM_STD, PAD_FILL, VISION, Mode
+from costgraph.graphs.deepseek_ocr.layout import Layout, layout_for
+from costgraph.graphs.pages import open_page
 
 PADDED_NATIVE = ("base", "large")  # the native modes that keep the aspect (the others stretch)
 

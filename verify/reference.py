@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.deepseek_ocr.config import VISION, VisionConfig
+from costgraph.graphs.deepseek_ocr.config import VISION, VisionConfig
 
 
 def _sam(cfg: VisionConfig):

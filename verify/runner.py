@@ -1,10 +1,10 @@
 """Running the reference for a page and comparing it with the graph, node by node.
 
 `measure_page` runs the page reference (crop batch, global view, assembly) under `OpCounter`
-(FLOPs) and, on CPU with metrics asked for, under `verify.dispatch.MetricRecorder` as well
+(FLOPs) and, on CPU with metrics asked for, under `costgraph.verify.dispatch.MetricRecorder` as well
 (elementwise FLOPs, bytes read and written of every aten op). `Predictor` compiles the graph's
 per-node, per-scope and slot expressions once per mode and dtype (`costgraph.evaluate.Compiled`:
-no sympy `subs` per layout). `compare_page` joins the two through `verify.mapping`. Every case
+no sympy `subs` per layout). `compare_page` joins the two through `costgraph.verify.mapping`. Every case
 runs its own page forward: nothing is reused between layouts, even where two grids run the same
 crop batch (1x6 and 2x3).
 
@@ -30,9 +30,9 @@ import torch
 from costgraph.graph import within
 from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph.evaluate import Compiled
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, MAX_CROPS, MODES, VISION, Mode, VisionConfig
-from graphs.deepseek_ocr.layout import Layout, all_grids, layout_for, layout_for_grid
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_DTYPE, DTYPES, MAX_CROPS, MODES, VISION, Mode, VisionConfig
+from costgraph.graphs.deepseek_ocr.layout import Layout, all_grids, layout_for, layout_for_grid
 from .compare import Comparison, Row
 from .dispatch import Call, MetricRecorder
 from .mapping import METRICS as OP_METRICS, metric_claims, node_claims

@@ -30,10 +30,10 @@ from torch._decomp import decomposition_table
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from graphs.deepseek_ocr import symbols as S
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import MODES, Mode
-from graphs.deepseek_ocr.layout import crops_run
+from costgraph.graphs.deepseek_ocr import symbols as S
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import MODES, Mode
+from costgraph.graphs.deepseek_ocr.layout import crops_run
 from .mapping import node_claims
 from .profile import OpCounter, meta_encoder
 

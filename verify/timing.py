@@ -1,4 +1,4 @@
-"""Roofline prediction against measured time on this machine (CPU): `python -m verify.timing`.
+"""Roofline prediction against measured time on this machine (CPU): `python -m costgraph.verify.timing`.
 
 The preset `this-machine` is calibrated first (`costgraph.hardware.calibrate`: matmul in the run's
 dtype, fp32 elementwise in cache, DRAM copy; best of a few samples). Then the references run
@@ -24,10 +24,10 @@ from costgraph import roofline as RL
 from costgraph import stages
 from costgraph import symbols as S
 from costgraph.hardware import calibrate
-from graphs.deepseek_ocr import MODEL
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import MODES
-from graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
+from costgraph.graphs.deepseek_ocr import MODEL
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import MODES
+from costgraph.graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 
 VISION_CASES = (("tiny", (1, 1)), ("base", (1, 1)), ("gundam", (2, 1)))
 LM_CASES = (("tiny", (1, 1)), ("gundam", (2, 3)))

@@ -1,4 +1,4 @@
-"""`python -m verify.trace vision|lm`: the aten trace of a small reference run with its metrics
+"""`python -m costgraph.verify.trace vision|lm`: the aten trace of a small reference run with its metrics
 (what the graph's formulas are written from), one op per line with its module."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from graphs.deepseek_ocr.config import LMConfig
+from costgraph.graphs.deepseek_ocr.config import LMConfig
 from .dispatch import MetricRecorder, print_trace
 from .lm_profile import run_reference
 from .lm_reference import build_language_model
@@ -30,7 +30,7 @@ def _main() -> None:
             model(x)
     else:
         # a small LM (graphs.decoder is parametric in the config): a prefill over [BOS] + 4 image
-        # slots + 3 text tokens, then one cached decode step, as `verify.lm_profile` runs it
+        # slots + 3 text tokens, then one cached decode step, as `costgraph.verify.lm_profile` runs it
         cfg = LMConfig(hidden=64, layers=2, heads=4, head_dim=16, vocab=101, dense_intermediate=96,
                        routed_experts=8, experts_per_token=3, moe_intermediate=24, shared_experts=2)
         lm = build_language_model(cfg, dtype)

@@ -1,11 +1,11 @@
-"""The ViT graph (`graphs.vit`) against `transformers.ViTForImageClassification`, node by node, exactly.
+"""The ViT graph (`costgraph.graphs.vit`) against `transformers.ViTForImageClassification`, node by node, exactly.
 
 The reference is transformers' own model, random weights, built from the variant's data
-(`graphs.vit.config`) at the image side being checked (each size has its own position table, as
+(`costgraph.graphs.vit.config`) at the image side being checked (each size has its own position table, as
 the 224 and 384 checkpoints do: nothing is interpolated). Attention is SDPA, transformers'
 default for ViT: on CPU it runs the fused `aten._scaled_dot_product_flash_attention_for_cpu`, which
-`verify.profile.OpCounter` counts (its `EXTRA_FORMULAS`; stock FlopCounterMode would count it 0)
-and `verify.dispatch.MetricRecorder` costs under the conventions (scale + softmax per score, the
+`costgraph.verify.profile.OpCounter` counts (its `EXTRA_FORMULAS`; stock FlopCounterMode would count it 0)
+and `costgraph.verify.dispatch.MetricRecorder` costs under the conventions (scale + softmax per score, the
 fp32 logsumexp written); on `meta` SDPA takes the math path, whose bmm FLOPs are the same. Eager
 attention would add, per layer, copies of q and k^T for the bmm, a scale, an fp32 softmax with
 casts and a copy of the merged heads: a different (costlier) reference, not the one a user of
@@ -20,7 +20,7 @@ ViT gets by default.
 - Parameters: the graph's resident count against the reference's `named_parameters`.
 
 A node measured 0 against a non-zero prediction fails; so does a measured op no node claims and a
-compute op that ran without a FLOP formula. `python -m verify.vit` runs the default suite (FLOPs on
+compute op that ran without a FLOP formula. `python -m costgraph.verify.vit` runs the default suite (FLOPs on
 `meta` at 224 and 384; every metric on CPU at 64 px in fp32 and bf16, batch 2).
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch
 from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import params as cg_params
 from costgraph.cost import METRICS as ALL_METRICS
-from graphs.vit import symbols as S
-from graphs.vit.config import DEFAULT, VitConfig, get_variant
-from graphs.vit.graph import SCOPES, build_graph, dtype_values, mode_values
+from costgraph.graphs.vit import symbols as S
+from costgraph.graphs.vit.config import DEFAULT, VitConfig, get_variant
+from costgraph.graphs.vit.graph import SCOPES, build_graph, dtype_values, mode_values
 from .compare import Comparison, Row
 from .dispatch import MetricRecorder, _is_alias, _tensors, print_trace
 from .mapping import Claim, OpClaim
@@ -324,8 +324,8 @@ def render(comps: list[Comparison]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m verify.vit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variant", default=DEFAULT.name, help="graphs.vit.config.VARIANTS (default %(default)s)")
+    p = argparse.ArgumentParser(prog="python -m costgraph.verify.vit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default=DEFAULT.name, help="costgraph.graphs.vit.config.VARIANTS (default %(default)s)")
     p.add_argument("--image-size", type=int, help="one case at this side (default: the suite of the docstring)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="meta", choices=["meta", "cpu"])

@@ -1,8 +1,8 @@
 """Parameters and weight bytes of the graph against the references' own counts, part by part.
 
 The references are built on `meta` (no storage, no init: a second or two): `DeepSeekOCRVision`
-(`verify.reference`, CLIP's unused conv patch embedding included) and the LM reference
-(`verify.lm_reference.LanguageModel`, created in the storage dtype as `build_language_model`
+(`costgraph.verify.reference`, CLIP's unused conv patch embedding included) and the LM reference
+(`costgraph.verify.lm_reference.LanguageModel`, created in the storage dtype as `build_language_model`
 does, so the router stays fp32). Each count is `sum(p.numel())` over the part's parameters;
 weight bytes `sum(p.numel() * p.element_size())`. The graph's side is `costgraph.params.resident`
 grouped by the same parts: the first component of a node's module path (`layers.<i>` for a
@@ -17,8 +17,8 @@ import torch
 from costgraph.dtypes import STORAGE, torch_dtype
 from costgraph import params as P
 from costgraph.evaluate import substitute
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import DTYPES, LM, MODES
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import DTYPES, LM, MODES
 from .compare import Comparison, Row
 
 TORCH_DTYPES = {name: torch_dtype(name) for name in STORAGE}

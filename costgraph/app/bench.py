@@ -13,7 +13,7 @@ from costgraph import forms
 from costgraph.evaluate import Compiled
 from costgraph.cost import METRICS
 from costgraph.stages import DERIVED, totals
-from graphs.deepseek_ocr import assembly, layout as L
+from costgraph.graphs.deepseek_ocr import assembly, layout as L
 from . import sweep as SW
 from .models import get_model
 
@@ -38,7 +38,7 @@ def main(layouts: int = 1_000_000) -> dict:
     h = rng.integers(1, 10, layouts)
     result, t_eval = _timed(lambda: compiled(w_crop=w, h_crop=h))
 
-    from verify.runner import count_vision_meta  # torch: loaded only when the benchmark runs
+    from costgraph.verify.runner import count_vision_meta  # torch: loaded only when the benchmark runs
 
     layout = L.layout_for(1654, 2339, mode)
     measured, t_ref = _timed(lambda: count_vision_meta(mode, layout).total())
@@ -128,7 +128,7 @@ def formula_figures(cold_scopes=("e2e",)) -> dict:
 
 def verify_figures() -> dict:
     """`costgraph verify --all-grids --device meta`: every mode and grid, node by node."""
-    from verify.runner import Request, verify_vision  # torch: loaded only when the benchmark runs
+    from costgraph.verify.runner import Request, verify_vision  # torch: loaded only when the benchmark runs
 
     model = get_model("deepseek-ocr")
     comps, t = _timed(lambda: verify_vision(Request(modes=list(model.modes.values()), all_grids=True)))

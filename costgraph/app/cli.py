@@ -17,7 +17,7 @@ from costgraph.cost import METRICS
 from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
-from graphs.pages import PageWarning
+from costgraph.graphs.pages import PageWarning
 from . import bench, sweep, tables, verify_cmd
 from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, mode_arg, mode_of, model_arg,
                    model_of, output_text_tokens_arg, page_args, point_of, scopes_of, variant_args, variants_of)

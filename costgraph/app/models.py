@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from costgraph.model import Model
-from graphs.deepseek_ocr import MODEL as DEEPSEEK_OCR
-from graphs.vit import MODEL as VIT
+from costgraph.graphs.deepseek_ocr import MODEL as DEEPSEEK_OCR
+from costgraph.graphs.vit import MODEL as VIT
 
 MODELS: dict[str, Model] = {m.name: m for m in (DEEPSEEK_OCR, VIT)}
 DEFAULT_MODEL = DEEPSEEK_OCR.name

@@ -27,7 +27,7 @@ from costgraph.cost import METRICS
 from costgraph.evaluate import Compiled
 from costgraph.io import write_atomic
 from costgraph.render import human, table
-from graphs.pages import page_size
+from costgraph.graphs.pages import page_size
 from .args import (dtype_arg, input_options, max_num_arg, mode_arg, model_arg, model_of, output_text_tokens_arg,
                    sequence_args, sequence_of, variant_args, variants_of)
 from .models import get_model

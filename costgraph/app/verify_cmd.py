@@ -14,11 +14,11 @@ import warnings
 
 from costgraph.io import write_atomic
 from costgraph.render import table
-from graphs.deepseek_ocr import assembly as model_graph
-from graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
-from graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
-from graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
-from graphs.pages import PageWarning, page_size
+from costgraph.graphs.deepseek_ocr import assembly as model_graph
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
+from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
+from costgraph.graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
+from costgraph.graphs.pages import PageWarning, page_size
 from .args import max_num_arg, model_arg
 from .models import get_model
 from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
 
 
 def _add_lm_arguments(q) -> None:
-    """Options of the language-model scopes (verify.lm_profile): the LM always runs on CPU."""
+    """Options of the language-model scopes (costgraph.verify.lm_profile): the LM always runs on CPU."""
 
     q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="LM scopes: prompt text tokens")
     q.add_argument("--decode-steps", type=int, default=3, help="LM scopes: decode forwards after the prefill")
@@ -77,7 +77,7 @@ def _add_metric_arguments(q) -> None:
                         "vision reference, bf16 for the language model, as they run)")
 
 
-# `--metrics` group -> the metric names the comparisons take (verify.runner, verify.lm_profile)
+# `--metrics` group -> the metric names the comparisons take (costgraph.verify.runner, costgraph.verify.lm_profile)
 COMPARED = {"flops": ("flops",), "elementwise_flops": ("elementwise_flops",), "bytes": ("bytes_read", "bytes_written"),
             "kv_cache": ("kv_cache_bytes",), "params": (), "activations": ()}
 LM_SCOPES = ("decoder.prefill", "decoder.decode", "decoder", "e2e")
@@ -99,7 +99,7 @@ def _lm_extra(args) -> dict:
 
 
 def _request(args):
-    from verify.runner import Request
+    from costgraph.verify.runner import Request
 
     if args.mode is None:
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
@@ -142,9 +142,9 @@ def _command(args) -> str:
 
 
 def cmd_verify(args) -> int:
-    from verify import report
-    from verify.runner import VERIFIERS, peak_rss_mib
-    from verify import lm_profile
+    from costgraph.verify import report
+    from costgraph.verify.runner import VERIFIERS, peak_rss_mib
+    from costgraph.verify import lm_profile
 
     if getattr(args, "model", "deepseek-ocr") == "vit":
         return _verify_vit(args)
@@ -164,7 +164,7 @@ def cmd_verify(args) -> int:
     t = time.perf_counter()
     comps = VERIFIERS[args.scope](req)
     if "params" in groups:
-        from verify.weights import compare_params
+        from costgraph.verify.weights import compare_params
 
         comps.append(compare_params(True, args.dtype or "bf16"))
     peaks = _peak_memory(args, req) if "activations" in groups else None
@@ -195,8 +195,8 @@ def cmd_verify(args) -> int:
 def _verify_vit(args) -> int:
     """The ViT classifier against transformers' ViTForImageClassification: FLOPs on meta or CPU, the other
     metrics on CPU; `--size SxS` is the image side (default: the variant's own), `--mode` the variant."""
-    from verify import report
-    from verify.vit import verify_vit
+    from costgraph.verify import report
+    from costgraph.verify.vit import verify_vit
 
     cfg = get_model("vit").get_mode(args.mode or "vit-b16-224")
     if args.image or args.grid or args.all_grids or args.symbolic or args.scope != "vision":
@@ -236,11 +236,11 @@ PEAK_NOTE = ("peak activation memory is reported, not checked: the graph frees a
 
 
 def _peak_memory(args, req) -> dict:
-    """Predicted (costgraph.liveness) vs measured (verify.memory.LiveBytes) peak per stage."""
-    from verify import memory
-    from verify.preprocess import random_views, views_from_file
-    from verify.reference import build_page_reference
-    from verify.runner import TORCH_DTYPES
+    """Predicted (costgraph.liveness) vs measured (costgraph.verify.memory.LiveBytes) peak per stage."""
+    from costgraph.verify import memory
+    from costgraph.verify.preprocess import random_views, views_from_file
+    from costgraph.verify.reference import build_page_reference
+    from costgraph.verify.runner import TORCH_DTYPES
 
     out = {"note": PEAK_NOTE, "cases": []}
     for mode in req.modes:
@@ -294,7 +294,7 @@ def _peak_text(peaks: dict) -> str:
 
 
 def _symbolic(args) -> int:
-    from verify.symbolic import summary
+    from costgraph.verify.symbolic import summary
 
     if args.scope != "vision" or args.device != "meta" or args.mode:
         raise ValueError("--symbolic checks the vision graph of gundam (crop batch) and one view (side); "

@@ -16,7 +16,7 @@ from . import symbols as S
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
 from costgraph.ops import more_than_one
-from graphs.pages import page_size
+from costgraph.graphs.pages import page_size
 from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)

@@ -8,7 +8,7 @@ runs several (`layers.3.self_attn.softmax`), inside the scopes `decoder.prefill`
 t = 1..output_tokens-1 in closed form: the prefill yields the first token.
 
 Every node carries all metrics of `costgraph.cost.Cost`, written from the aten ops the reference
-runs (`python -m verify.trace lm` prints them) under `costgraph.conventions`:
+runs (`python -m costgraph.verify.trace lm` prints them) under `costgraph.conventions`:
 - RMSNorm in fp32: cast up (bf16 only), pow, mean, + eps, rsqrt, multiply, cast back, weight
   multiply; attention softmax in fp32 between two casts; the router in fp32. A `.to(float32)`
   of an fp32 tensor runs nothing: casts are `converts(src, dst)` (1 or 0; for the symbolic

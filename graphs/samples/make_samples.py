@@ -1,4 +1,4 @@
-"""Synthetic document pages for tests, examples and the README (run: python -m graphs.samples.make_samples).
+"""Synthetic document pages for tests, examples and the README (run: python -m costgraph.graphs.samples.make_samples).
 
 Deterministic: the same files every time. Sizes cover the layout's cases: an A4 page at
 200 dpi (2x3 crops), a 16:9 slide (4x2), a long receipt strip (1x9 region) and a page

@@ -1,8 +1,8 @@
 """A second model on the same engine: the ViT image classifier of `transformers`
 (`ViTForImageClassification`), symbolic in image side, patch side and batch.
 
-`graphs.vit.config` (the variants as data), `graphs.vit.symbols`, `graphs.vit.graph`
-(`build_graph`, token counts, the variants' values); verified by `verify.vit`. `MODEL` is the
+`costgraph.graphs.vit.config` (the variants as data), `costgraph.graphs.vit.symbols`, `costgraph.graphs.vit.graph`
+(`build_graph`, token counts, the variants' values); verified by `costgraph.verify.vit`. `MODEL` is the
 `costgraph.model.Model` the app uses (`costgraph --model vit ...`): a mode is a variant
 (vit-b16-224, ...); an image of any size is resized by the processor to the variant's side, so its
 cost is the variant's.
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from costgraph import forms
 from costgraph.model import Model, Point
-from graphs.pages import page_size
+from costgraph.graphs.pages import page_size
 from . import symbols as S
 from .config import DEFAULT, DEFAULT_VARIANT, VARIANTS, VitConfig, get_variant
 from .graph import SCOPES, build_graph, dtype_values, grid, mode_values, num_patches, num_tokens

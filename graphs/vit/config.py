@@ -3,7 +3,7 @@
 `VitConfig` holds what the cost graph needs (widths, depth, heads, the image and patch sides a
 checkpoint was trained for, labels); `transformers.ViTConfig()` defaults are `vit-b16-224`.
 The graph is symbolic in the image side, the patch side and the batch: `image_size` and
-`patch_size` here are only the values a variant substitutes (`graphs.vit.graph.mode_values`).
+`patch_size` here are only the values a variant substitutes (`costgraph.graphs.vit.graph.mode_values`).
 The position table is (1, (image_size // patch_size)^2 + 1, hidden): each variant's table is
 trained at its own size (the 384 checkpoint has its own table), so the reference runs at its
 configured size and never interpolates the table.

@@ -1,6 +1,6 @@
 """ViT image classification (`transformers.ViTForImageClassification`, SDPA attention) as a cost graph.
 
-Symbolic in the image side, the patch side and the batch (`graphs.vit.symbols`); widths, depth,
+Symbolic in the image side, the patch side and the batch (`costgraph.graphs.vit.symbols`); widths, depth,
 heads and labels come from a `VitConfig`. Node paths are the reference's module paths
 (`vit.embeddings.patch_embeddings.projection`, `vit.layers.3.attention.q_proj`, `classifier`;
 transformers 5 names: separate q/k/v projections, `o_proj`, `vit.layers.N`); an op that runs in
@@ -9,7 +9,7 @@ a module's own forward rather than in a child module is named under that module
 which runs in the top-level forward, is `pooled_output`.
 
 Every aten op the reference runs is a node, views included (they cost nothing), as the CPU run
-shows (`python -m verify.vit --trace`):
+shows (`python -m costgraph.verify.vit --trace`):
 
 - embeddings: the patchify conv, its flatten and transpose (views), the class token expanded
   over the batch (a stride-0 view: `cat` reads it once), the cat, the position-table add

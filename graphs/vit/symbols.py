@@ -2,7 +2,7 @@
 
 `image_size` and `patch_size` are declared with the same names and assumptions as DeepSeek-OCR's
 (one symbol per name across the project, `costgraph.symbols.declare`); the LaTeX this model prints
-for them is its own (`graphs.vit.LATEX_NAMES`). `batch` (images run together) is this model's.
+for them is its own (`costgraph.graphs.vit.LATEX_NAMES`). `batch` (images run together) is this model's.
 The storage element size is the engine's `dtype_bytes`, the default element size of every op formula.
 """
 from costgraph.symbols import declare, dtype_bytes
