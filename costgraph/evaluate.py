@@ -5,7 +5,7 @@ evaluates whole numpy arrays of layouts at a time.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 import sympy as sp

@@ -18,7 +18,7 @@ Vocabulary:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import sympy as sp

@@ -29,8 +29,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from costgraph.graph import within
-from costgraph.graphs.deepseek_ocr.config import Mode
-from costgraph.graphs.deepseek_ocr.layout import Layout
 from .reference import build_deep_encoder
 
 aten = torch.ops.aten

@@ -15,7 +15,7 @@ import warnings
 from costgraph.io import write_atomic
 from costgraph.render import table
 from costgraph.graphs.deepseek_ocr import assembly as model_graph
-from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MODES, get_mode
 from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from costgraph.graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
 from costgraph.graphs.pages import PageWarning, page_size

@@ -103,7 +103,7 @@ class DeepSeekOCR(Model):
         if note:
             rec["layout"]["what_if"] = note
         values = {**assembly.layout_values(lay), **assembly.sequence_values(text_tokens, output_tokens)}
-        r, q = rec["layout"], rec["sequence"]
+        r = rec["layout"]
         label = (f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
                  f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
         if note:

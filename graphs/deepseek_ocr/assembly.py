@@ -21,7 +21,7 @@ from . import decoder, vision
 from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS, VISION,
                      LMConfig, Mode, VisionConfig)
 from .decoder import VENDOR, Variants
-from .layout import (VALID_TOKENS, Layout, compression_ratio, crops_run, layout_for, layout_for_grid, tokens_for,
+from .layout import (VALID_TOKENS, Layout, compression_ratio, crops_run, layout_for, tokens_for,
                      valid_tokens)
 
 SCOPES = ("vision", "vision.global", "vision.crops")

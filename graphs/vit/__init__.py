@@ -84,7 +84,7 @@ class ViT(Model):
 
     def metric_note(self, metric):
         return {"flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only."}.get(metric, "") \
-            + f" One image of side image_size in (image_size // patch_size)^2 + 1 tokens."
+            + " One image of side image_size in (image_size // patch_size)^2 + 1 tokens."
 
     def point(self, mode, *, size=None, image=None, grid=None, max_num=None, what_if=False, **sequence) -> Point:
         if sequence:
