@@ -99,7 +99,7 @@ def param_summary(model, mode, dtype_values: dict, variants=None) -> dict:
         out[group] = {name: cnt(sum((w.count for n, w in P.per_node(g, scope).items()
                                      if g.g.nodes[n]["path"].startswith(prefix)), sp.Integer(0)))
                       for name, (scope, prefix) in parts.items()}
-    lm = getattr(model, "lm_scope", None)
+    lm = model.lm_scope
     if lm in g.scopes:
         dec = P.executed(g, lm)
         first = next(s for s in model.stages(mode) if s.startswith(lm + "."))
@@ -249,7 +249,7 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
     stage_peaks = peaks(model, mode, values, variants, wanted) if need_peaks else {}
     kv = kv_summary(model, sequence, dv) if ("kv_cache" in groups or hardware) and model.generates else None
     summary = param_summary(model, mode, dv, variants) if ("params" in groups or hardware) else None
-    lm = getattr(model, "lm_scope", None)
+    lm = model.lm_scope
     if "params" in groups:
         for s in scopes:
             t = param_totals(model, mode, s, variants)
@@ -379,7 +379,7 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
     if metric == "peak_activation_bytes":
         return sub(peak_formula(model, mode, scope, variants))
     if metric == "kv_cache_bytes":
-        lm = getattr(model, "lm_scope", None)
+        lm = model.lm_scope
         if not model.generates or not (scope.startswith(lm) or scope in model.composites):
             raise ValueError(f"kv_cache_bytes is a language-model metric: choose a {lm or 'language-model'} scope "
                              f"or a composite, not {scope!r}")

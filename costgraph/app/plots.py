@@ -106,7 +106,7 @@ def subtitle(sweep) -> str:
     parts = [f"{mode.name}: {mode.note}"]
     if getattr(mode, "crop_mode", False):
         parts.append(f"at most {p['max_num']} crops")
-    lm = getattr(model, "lm_scope", None)
+    lm = model.lm_scope
     if lm and any(s.startswith(lm) or s in sweep.composites for s in sweep.scopes):
         v = p.get("variants") or {}
         parts.append(f"text_tokens={p['text_tokens']}, output_tokens={p['output_tokens']}"
