@@ -110,3 +110,6 @@ context = declare("context", latex=r"C", doc="attended length in one decode step
 # a decode forward (one token) runs exactly k. Costs are linear in it, so a total over the MoE
 # layers is exact at the layers' mean.
 experts_hit = declare("experts_hit", latex=r"E_{\mathrm{hit}}", doc="distinct routed experts a MoE layer runs")
+
+# Batching: sequences (pages) run together in one step (a training micro-batch, a serving batch).
+batch = declare("batch", latex=r"B", term="sequence in the batch", doc="sequences (pages) run together in one step")
