@@ -67,9 +67,10 @@ def _written_args(func, args, kwargs) -> list[torch.Tensor]:
     return out
 
 
-def op_metrics(func, args, kwargs, out) -> tuple[int, int, int]:
+def op_metrics(func, args, kwargs, out, strict: bool = True) -> tuple[int | None, int, int]:
     """(elementwise FLOPs, bytes read, bytes written) of one aten op under the conventions
-    (a gather reads its indices and the elements it takes: `conventions.gather_bytes_read`)."""
+    (a gather reads its indices and the elements it takes: `conventions.gather_bytes_read`).
+    An op with no elementwise convention raises, or with `strict=False` gives None FLOPs."""
     name = func.overloadpacket.__name__
     if _is_alias(func):
         return 0, 0, 0
@@ -91,8 +92,13 @@ def op_metrics(func, args, kwargs, out) -> tuple[int, int, int]:
         return scores * (C.SDPA_SCALE + C.SDPA_MASK * has_mask + C.SDPA_SOFTMAX), read, wrote
     first_in = next((t.numel() for t in _tensors(args)), 0)
     source = kwargs.get("source", args[3] if name == "index_add_" and len(args) > 3 else None)
-    ew = C.elementwise_flops(name, sum(t.numel() for t in outs[:1]), first_in,
-                             source.numel() if isinstance(source, torch.Tensor) else 0)
+    try:
+        ew = C.elementwise_flops(name, sum(t.numel() for t in outs[:1]), first_in,
+                                 source.numel() if isinstance(source, torch.Tensor) else 0)
+    except KeyError:
+        if strict:
+            raise
+        ew = None
     return ew, read, wrote
 
 

@@ -17,7 +17,8 @@ vision, `costgraph.verify.lm_reference` for the LM) made to train as the vendor 
   views of `transformers`' fused `gate_up_proj[i, :I]`, `gate_up_proj[i, I:]`, `down_proj[i]`
   (no copy; the parameter count is unchanged), so FLOPs and module paths are the vendor's
   (`mlp.experts.<i>.gate_proj` ...) and LoRA targets them as it targets the vendor's.
-- **The loss**: `use_cache=False`, logits of every position, `transformers`' `ForCausalLMLoss`
+- **The loss**: `use_cache=False` (without `transformers` 5.x's packed-sequence check of the
+  position ids, which the vendor does not run: `_no_packed_sequence_check`), logits of every position, `transformers`' `ForCausalLMLoss`
   (logits.float(), labels padded with -100 and shifted, cross-entropy mean over non-ignored);
   labels are the input ids.
 - **What is trainable** (`TrainSetting.train`): `lm` (the vendor forward: vision under
@@ -34,6 +35,7 @@ backward hands it), the LM takes the image slots as a leaf that requires grad wh
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -199,9 +201,26 @@ class TrainingLM(LanguageModel):
         if image_features is not None:
             for b in range(input_ids.shape[0]):
                 x[b].masked_scatter_(image_mask[b, :, None], image_features[b])
-        h = self.model(inputs_embeds=x, use_cache=False).last_hidden_state
+        with _no_packed_sequence_check():
+            h = self.model(inputs_embeds=x, use_cache=False).last_hidden_state
         logits = self.lm_head(h)
         return ForCausalLMLoss(logits, input_ids, self.cfg.vocab)
+
+
+@contextlib.contextmanager
+def _no_packed_sequence_check():
+    """`transformers` 5.x looks for packed sequences in the position ids whenever no cache and no 2D
+    mask are given (training): diff, ne, cumsum, a comparison and `.all()` on the ids, then the
+    answer "not packed" (None) for one sequence per row. The vendor's transformers has no such
+    check; the reference skips it with the same answer (the mask it builds is unchanged)."""
+    from transformers import masking_utils
+
+    found = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = found
 
 
 def as_training_lm(lm: LanguageModel) -> TrainingLM:
