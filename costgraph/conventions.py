@@ -78,6 +78,20 @@ FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
     "_upsample_bicubic2d_aa": (32, OUT),
     "index_add_": (1, "source"),
     "aminmax": (2, IN),  # two reductions in one pass (one_hot's range check): min and max
+    # backward kernels (autograd's aten ops): an activation's derivative times the incoming gradient
+    # is one op (1 per element, like its forward); fused ones are the sum of their parts
+    **{op: (1, OUT) for op in ("gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
+                               "threshold_backward", "masked_fill_", "index_put_acc")},
+    "_softmax_backward_data": (4, OUT),      # grad * out, row sum, subtract, multiply
+    "_log_softmax": (5, IN),                 # max, subtract, exp, sum, log-subtract
+    "_log_softmax_backward_data": (4, OUT),  # exp(out), row sum of grad, multiply, subtract
+    "nll_loss_forward": (1, "source"),       # one pick and accumulate per target row
+    "nll_loss_backward": (1, "source"),      # one write of -1/n per target row
+    "native_layer_norm_backward": (12, IN),  # x-hat (2), g*w (1), two row sums (2), combine (4), dw, db (3)
+    "scatter_add_": (1, "source"),
+    "_foreach_adamw": (12, OUT),             # AdamW per parameter element: decay, two moments, bias corrections, update
+    "_foreach_adamw8bit": (16, OUT),         # + dequantise and requantise both moments
+    "_foreach_sgd": (2, OUT),                # p -= lr * g
 }
 
 # Per attention score inside a fused SDPA kernel (the CPU flash kernel).

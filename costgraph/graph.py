@@ -81,13 +81,32 @@ class CostGraph:
         shape, cost = ops.apply(kind, specs, formula_attrs)
         # Weights are node data, not a Cost: repeating a node does not repeat its parameters.
         weights = params.weights_of(kind, specs, attrs, out_itemsize)
-        self.g.add_node(node, scope=scope, path=path, kind=kind, attrs=attrs,
+        self.g.add_node(node, scope=scope, path=path, kind=kind, attrs=attrs, inputs=[t.node for t in inputs],
                         in_shapes=[t.shape for t in inputs], in_itemsizes=[t.itemsize for t in inputs],
                         out_shape=shape, out_itemsize=out_itemsize, cost=cost, weights=weights)
         for t in inputs:
             self.g.add_edge(t.node, node)
         self.__dict__.pop("_children", None)
         return Tensor(node, tuple(shape), out_itemsize)
+
+    def add_derived(self, scope: str, path: str, kind: str, cost: Cost, reads: Iterable[str], *, of: str,
+                    **attrs) -> str:
+        """A node derived from another (`of`): a gradient, a recomputation, an optimizer update. Its cost
+        is given (from `costgraph.ops.backward` or the forward's); `reads` are the nodes whose outputs it
+        reads (data-flow edges). It owns no weights; its output is `cost.activation_bytes`."""
+        if scope not in self.scopes:
+            raise ValueError(f"unknown scope {scope!r}")
+        node = f"{scope}.{path}"
+        if node in self.g:
+            raise ValueError(f"duplicate node {node!r}")
+        reads = list(dict.fromkeys(reads))
+        self.g.add_node(node, scope=scope, path=path, kind=kind, attrs={**attrs, "of": of}, inputs=reads,
+                        in_shapes=[], in_itemsizes=[], out_shape=(), out_itemsize=S.dtype_bytes, cost=cost,
+                        weights=params.NONE)
+        for r in reads:
+            self.g.add_edge(r, node)
+        self.__dict__.pop("_children", None)
+        return node
 
     # ---- reading -----------------------------------------------------------------
     def nodes(self, scope: str | None = None) -> list[str]:
@@ -155,6 +174,7 @@ class CostGraph:
             n["out_shape"] = [s(d) for d in n["out_shape"]]
             n["out_itemsize"] = s(n["out_itemsize"])
             n["in_itemsizes"] = [s(i) for i in n["in_itemsizes"]]
+            n.pop("inputs", None)
             w = n.pop("weights")
             n["params"], n["weight_bytes"] = s(w.count), s(w.nbytes)
             n["attrs"] = {k: s(v) for k, v in n["attrs"].items()}

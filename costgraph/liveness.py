@@ -81,9 +81,13 @@ class Peak:
         return {"bytes": int(peak), "node": self.candidates[int(arg)][1]}
 
 
-def schedule(graph, scope: str) -> list[str]:
-    """The scope's nodes (sub-scopes included) in execution order: the build order, checked topological."""
-    nodes = graph.nodes(scope)
+def schedule(graph, scope) -> list[str]:
+    """The scope's nodes (sub-scopes included; a tuple of scopes: all of theirs) in execution order:
+    the build order, checked topological."""
+    if isinstance(scope, tuple):
+        nodes = [n for n in graph.nodes() if any(_within(graph.g.nodes[n]["scope"], s) for s in scope)]
+    else:
+        nodes = graph.nodes(scope)
     index = {n: i for i, n in enumerate(nodes)}
     for n in nodes:
         for p in graph.g.predecessors(n):
@@ -92,18 +96,26 @@ def schedule(graph, scope: str) -> list[str]:
     return nodes
 
 
-def _batch(graph, node: str, scope: str) -> sp.Expr:
+def _within(scope: str, prefix: str) -> bool:
+    return scope == prefix or scope.startswith(prefix + ".")
+
+
+def _batch(graph, node: str, scope) -> sp.Expr:
     """How many copies of the node's output one execution of `scope` holds: the batch
-    multiplicities of the scopes between the node and `scope`, `scope`'s own excluded."""
+    multiplicities of the scopes between the node and `scope`, `scope`'s own excluded (a tuple of
+    scopes, one step made of several: every multiplicity)."""
     k = sp.Integer(1)
+    depth = -1 if isinstance(scope, tuple) else len(scope)
     for s in graph.chain(graph.g.nodes[node]["scope"]):
-        if len(s.name) > len(scope) and s.sum_over is None:
+        if len(s.name) > depth and s.sum_over is None:
             k *= s.multiplicity
     return k
 
 
-def liveness(graph, scope: str, keep_timeline: bool = False) -> Peak:
-    """Peak activation bytes of one execution of `scope` (times its batch multiplicity)."""
+def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
+    """Peak activation bytes of one execution of `scope` (times its batch multiplicity); a tuple of
+    scopes: one pass over all of their nodes in build order (a training step: forward, backward,
+    optimizer), every multiplicity inside."""
     order = schedule(graph, scope)
     index = {n: i for i, n in enumerate(order)}
     data = graph.g.nodes
@@ -177,10 +189,13 @@ def liveness(graph, scope: str, keep_timeline: bool = False) -> Peak:
         if i in replaced:
             live[f"released:{n}"] = _terms(-replaced[i])
             change(live[f"released:{n}"], 1)
-    factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
+    if isinstance(scope, tuple):
+        factor = sp.Integer(1)
+    else:
+        factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
     kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
     cands = [(_expr(t), n) for t, _, n in kept] or [(sp.Integer(0), order[-1] if order else "")]
-    return Peak(scope, factor, cands, len(order), timeline)
+    return Peak("+".join(scope) if isinstance(scope, tuple) else scope, factor, cands, len(order), timeline)
 
 
 def _input_bytes(data: dict) -> sp.Expr:

@@ -28,11 +28,13 @@ from .dtypes import storage_values
 
 @dataclass(frozen=True)
 class VariantOption:
-    """One command-line choice of how the model runs (e.g. --attention eager|flash)."""
+    """One command-line choice of how the model runs (e.g. --attention eager|flash). No `choices`: a
+    free value, read by `parse` (e.g. int for a LoRA rank)."""
     name: str
     choices: tuple[str, ...]
-    default: str
+    default: Any
     help: str
+    parse: Any = str
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,16 @@ class Model:
         """The cost graph of a mode (symbolic in the mode's sizes; `mode_values` substitutes them)."""
         raise NotImplementedError
 
-    def scopes(self, mode) -> tuple[str, ...]:
+    def scopes(self, mode, variants=None) -> tuple[str, ...]:
+        """The scopes of a mode (under these variants: a training phase has its own)."""
         raise NotImplementedError
 
-    def stages(self, mode) -> tuple[str, ...]:
+    def stages(self, mode, variants=None) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def roofline_stages(self, mode) -> tuple[str, ...]:
+    def roofline_stages(self, mode, variants=None) -> tuple[str, ...]:
         """The rows of a latency table (a stage or a scope made of stages)."""
-        return self.stages(mode)
+        return self.stages(mode, variants)
 
     def formula(self, mode, scope: str, metric: str, variants) -> sp.Expr:
         """Total of a Cost metric over a scope; mode None: every size symbolic."""

@@ -743,3 +743,615 @@ def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]
 
 
 _APPLIED: dict = {}
+
+
+# ---- training forward ops: a MoE layer's training path and the loss -------------------------------
+
+@register("moe_repeat")
+def moe_repeat(x, *, k):
+    """x.repeat_interleave(k, dim=0): every token's row k times (one per routed slot); a copy."""
+    rows, width = prod(x[:-1]), x[-1]
+    out = _out((rows * k, width), itemsize(x))
+    return out, _cost(read=nbytes(x), written=nbytes(out), out=nbytes(out))
+
+
+@register("expert_rows")
+def expert_rows(x, idx, *, experts):
+    """x[flat_topk_idx == i] for every expert i: an `eq` over the k*T slots and a boolean-mask gather per
+    expert (the mask read whole, each selected row read once: all experts together select every row once)."""
+    slots, width = x[0], x[-1]
+    b = itemsize(x)
+    cost = _cost(ew=experts * ew("eq", slots), read=experts * INT64 * slots, written=experts * BOOL * slots)
+    cost += _cost(read=experts * BOOL * slots + slots * width * b, written=slots * width * b,
+                  out=slots * width * b)
+    return (slots, width), cost
+
+
+@register("expert_scatter")
+def expert_scatter(rows, idx, *, experts):
+    """y = empty_like(x); y[flat_topk_idx == i] = expert_i(rows) for every expert: per expert an `eq`, the
+    mask read whole and the expert's rows written (index_put_ with a boolean mask)."""
+    slots, width = rows[0], rows[-1]
+    b = itemsize(rows)
+    cost = _cost(ew=experts * ew("eq", slots), read=experts * INT64 * slots, written=experts * BOOL * slots)
+    cost += _cost(read=experts * BOOL * slots + slots * width * b, written=slots * width * b,
+                  out=slots * width * b)
+    return (slots, width), cost
+
+
+@register("weighted_sum")
+def weighted_sum(y, w, *, k, out_itemsize=S.dtype_bytes):
+    """(y.view(T, k, H) * topk_weight.unsqueeze(-1)).sum(dim=1).to(dtype): the product is fp32 (the
+    weights are), summed over the k slots, cast back."""
+    slots, width = y
+    tokens = slots / k
+    n = slots * width
+    cost = (_cost(ew=ew("mul", n), read=nbytes(y) + nbytes(w), written=FLOAT32 * n)
+            + _cost(ew=ew("sum", n), read=FLOAT32 * n, written=FLOAT32 * tokens * width)
+            + _cast(tokens * width, FLOAT32, out_itemsize))
+    return (tokens, width), _with_output(cost, tokens * width * out_itemsize)
+
+
+@register("aux_loss")
+def aux_loss(scores, idx, *, experts, k, batch):
+    """The gate's sequence-level balance loss (seq_aux): counts of each expert's slots per sequence
+    (zeros, scatter_add_ of ones, divide), the mean routing score per sequence and expert, their
+    product summed and averaged, times alpha. Tiny: elementwise work and bytes only."""
+    tokens = prod(scores[:-1])
+    slots, counts = tokens * k, batch * experts
+    f = FLOAT32
+    cost = (_cost(written=f * counts + f * slots)                                              # zeros, ones
+            + _cost(ew=ew("scatter_add_", slots), read=f * counts + INT64 * slots + f * slots, written=f * counts)
+            + _cost(ew=ew("div", counts), read=f * counts, written=f * counts)
+            + _cost(ew=ew("mean", tokens * experts), read=f * tokens * experts, written=f * counts)
+            + _cost(ew=ew("mul", counts), read=2 * f * counts, written=f * counts)
+            + _cost(ew=ew("sum", counts) + ew("mean", batch) + ew("mul", 1),
+                    read=f * (counts + batch + 1), written=f * (batch + 2), out=f))
+    return (), cost
+
+
+@register("attach_loss")
+def attach_loss(x, loss):
+    """y = AddAuxiliaryLoss.apply(y, aux_loss): y unchanged (no kernel), the auxiliary loss tied to it so
+    its backward runs with y's (the gradient of the auxiliary loss is a scalar one)."""
+    return tuple(x), Cost()
+
+
+@register("log_softmax")
+def log_softmax(x, **attrs):
+    """log_softmax over the last dim (the loss's, on fp32 logits): reads x, writes the log-probabilities."""
+    out = _out(tuple(x), itemsize(x))
+    return out, Cost(elementwise_flops=_ew("_log_softmax", out, x), activation_bytes=nbytes(out), **moved([x], [out]))
+
+
+@register("nll_loss")
+def nll_loss(log_probs, **attrs):
+    """The mean negative log-likelihood of every position's next token (labels shifted by padding with
+    the ignore index: the last position counts nothing): one pick per row; reads the picked element
+    per row and the int64 labels, writes the scalar loss and its total weight (fp32)."""
+    rows = prod(log_probs[:-1])
+    b = itemsize(log_probs)
+    return (), _cost(ew=ew("nll_loss_forward", rows), read=rows * (b + INT64), written=2 * b, out=b)
+
+
+# ---- backward formulas ---------------------------------------------------------------------------
+#
+# Beside the forward registry, keyed by the same op kinds and taking the same shapes and attrs (as
+# torch/utils/flop_counter.py keeps its backward formulas beside the forward ones). A backward formula
+# also takes `grads` (per input: does it need a gradient) and `weight_grad` (are the op's weights
+# trained), and returns the cost of the gradient ops autograd runs for one execution of the node
+# and which forward tensors they read (`saved`: input positions, or "out" for the node's output):
+# those stay alive from the forward until this backward (costgraph.autodiff, costgraph.liveness).
+# FLOPs follow torch's backward formulas (mm: one mm per gradient, each the forward's size;
+# convolution_backward: the forward's FLOPs per gradient; SDPA: recomputed scores plus four
+# products); elementwise FLOPs and bytes follow the aten ops autograd dispatches, under
+# costgraph/conventions.py. The backward node's activation_bytes is the input gradients it writes
+# (weight gradients accumulate into `.grad`: training memory counts them as parameter gradients).
+
+class Grad(tuple):
+    """(cost, saved): the backward's cost and the forward tensors it reads."""
+
+    def __new__(cls, cost: Cost, saved=()):
+        return super().__new__(cls, (cost, tuple(saved)))
+
+
+BackwardFormula = Callable[..., Grad]
+BACKWARD: dict[str, BackwardFormula] = {}
+# Op kinds with no gradient: index builders, masks, tables of positions, argmax (integer outputs).
+NO_GRADIENT = ("input", "rel_pos_coords", "position_ids", "causal_mask", "rope_tables", "expert_mask",
+               "expert_select", "argmax_last", "identity")
+
+
+def register_backward(*kinds: str):
+    """Register the backward formula of op kinds; one per kind (a second registration raises)."""
+    def deco(fn: BackwardFormula) -> BackwardFormula:
+        for k in kinds:
+            if k in BACKWARD or k in NO_GRADIENT:
+                raise ValueError(f"op kind {k!r} already has a backward rule")
+            if k not in OPS:
+                raise ValueError(f"backward for {k!r}, which has no forward formula")
+            BACKWARD[k] = fn
+        return fn
+    return deco
+
+
+def _grad_out(kind, specs, attrs) -> Spec:
+    shape, _ = OPS[kind](*specs, **attrs)
+    return shape if isinstance(shape, Spec) else Spec(shape, itemsize(specs[0]) if specs else S.dtype_bytes)
+
+
+def _gx(n_in, b_in, ew_op=None, reads=0, elements=None) -> Cost:
+    """One gradient kernel writing an input's gradient of n_in elements (b_in bytes each)."""
+    e = 0 if ew_op is None else ew(ew_op, n_in if elements is None else elements)
+    return _cost(ew=e, read=reads, written=n_in * b_in, out=n_in * b_in)
+
+
+@register_backward("linear")
+def linear_backward(x, *, grads, weight_grad, in_features, out_features, bias=True, weight_itemsize=None):
+    """grad_x = grad @ W (mm, 2MKN), grad_W = grad^T @ x (mm, 2MKN), grad_b = grad summed over rows."""
+    tokens, b, wb = prod(x[:-1]), itemsize(x), _size(weight_itemsize, x)
+    g = tokens * out_features * b
+    cost, saved = Cost(), []
+    if grads[0]:
+        cost += _cost(flops=2 * tokens * in_features * out_features, read=g + in_features * out_features * wb,
+                      written=nbytes(x), out=nbytes(x))
+    if weight_grad:
+        cost += _cost(flops=2 * tokens * in_features * out_features, read=g + nbytes(x),
+                      written=in_features * out_features * wb)
+        if bias:
+            cost += _cost(ew=ew("sum", tokens * out_features), read=g, written=out_features * wb)
+        saved.append(0)
+    return Grad(cost, saved)
+
+
+@register_backward("routed_linear")
+def routed_linear_backward(x, *, grads, weight_grad, in_features, out_features, hits):
+    """Per expert run: grad of its rows (mm) and of its weight (mm), each the forward's FLOPs."""
+    rows, b = x[0], itemsize(x)
+    g = rows * out_features * b
+    cost, saved = Cost(), []
+    if grads[0]:
+        cost += _cost(flops=2 * rows * in_features * out_features, read=g + hits * in_features * out_features * b,
+                      written=nbytes(x), out=nbytes(x))
+    if weight_grad:
+        cost += _cost(flops=2 * rows * in_features * out_features, read=g + nbytes(x),
+                      written=hits * in_features * out_features * b)
+        saved.append(0)
+    return Grad(cost, saved)
+
+
+@register_backward("conv2d")
+def conv2d_backward(x, *, grads, weight_grad, in_channels, out_channels, kernel, stride=1, padding=0, bias=True,
+                    weight_itemsize=None):
+    """aten.convolution_backward: grad_input and grad_weight each cost the forward's FLOPs
+    (torch's conv_backward_flop); it reads the output gradient once, the weight for grad_input and
+    the input for grad_weight."""
+    out, fwd = conv2d(x, in_channels=in_channels, out_channels=out_channels, kernel=kernel, stride=stride,
+                      padding=padding, bias=bias, weight_itemsize=weight_itemsize)
+    w = out_channels * in_channels * sp.sympify(kernel) ** 2 * _size(weight_itemsize, x)
+    if not (grads[0] or weight_grad):
+        return Grad(Cost())
+    cost = _cost(read=nbytes(out))
+    if grads[0]:
+        cost += _cost(flops=fwd.flops, read=w, written=nbytes(x), out=nbytes(x))
+    if weight_grad:
+        cost += _cost(flops=fwd.flops, read=nbytes(x), written=w)
+        if bias:
+            cost += _cost(ew=ew("sum", numel(out)), written=out_channels * _size(weight_itemsize, x))
+    return Grad(cost, [0] if weight_grad else [])
+
+
+def _product_backward(operands, out, grads, flops) -> Grad:
+    """A two-operand product (bmm, einsum): each needed gradient is one product of the forward's size,
+    reading the output gradient and the other operand, writing the operand's gradient."""
+    cost, saved = Cost(), set()
+    for i, need in enumerate(grads[:2]):
+        if need:
+            other = operands[1 - i]
+            cost += _cost(flops=flops, read=nbytes(out) + nbytes(other), written=nbytes(operands[i]),
+                          out=nbytes(operands[i]))
+            saved.add(1 - i)
+    return Grad(cost, sorted(saved))
+
+
+@register_backward("bmm", "matmul")
+def matmul_backward(a, b, *, grads, weight_grad):
+    out, fwd = matmul(a, b)
+    return _product_backward((a, b), out, grads, fwd.flops)
+
+
+@register_backward("einsum")
+def einsum_backward(*operands, grads, weight_grad, equation, copies=()):
+    out, fwd = einsum(*operands, equation=equation)
+    return _product_backward(operands, out, grads, fwd.flops)
+
+
+@register_backward("attention_scores")
+def attention_scores_backward(q, k, *, grads, weight_grad, causal):
+    out, fwd = attention_scores(q, k, causal=causal)
+    return _product_backward((q, k), Spec(out, itemsize(q)), grads, fwd.flops)
+
+
+@register_backward("attention_values")
+def attention_values_backward(probs, v, *, grads, weight_grad, causal):
+    out, fwd = attention_values(probs, v, causal=causal)
+    return _product_backward((probs, v), Spec(out, itemsize(v)), grads, fwd.flops)
+
+
+def sdpa_backward_flops(q, k, v, causal: str = "full") -> sp.Expr:
+    """torch's sdpa_backward_flop_count: the scores recomputed (q k^T), then grad_scores = grad_out v^T,
+    grad_v = P^T grad_out, grad_q = grad_scores k, grad_k = grad_scores^T q: 2 x pairs x (3 d_q + 2 d_v)
+    per head. `causal` as in `attention_flops` (torch never discounts a mask; a causal flash kernel
+    computes the lower triangle only)."""
+    *batch, lq, e = q
+    ev = v[-1]
+    unit = attention_flops(q, k, (*v[:-1], 0), causal) / (2 * prod(batch) * e) if e != 0 else 0
+    pairs = sp.expand(unit)
+    return sp.expand(2 * prod(batch) * pairs * (3 * e + 2 * ev))
+
+
+@register_backward("sdpa")
+def sdpa_backward(q, k, v, mask=None, *, grads, weight_grad, causal="full"):
+    """The fused attention backward: reads q, k, v, the output, its gradient and the fp32 logsumexp
+    (and the mask), writes the three gradients; per score it recomputes the scaled, masked softmax and
+    runs its backward (the conventions' SDPA parts plus `_softmax_backward_data`'s)."""
+    out, fwd = sdpa(q, k, v, mask, causal=causal)
+    *batch, lq, _ = q
+    scores = prod(batch) * lq * k[-2]
+    lse = prod(batch) * lq * FLOAT32
+    per = C.SDPA_SCALE + C.SDPA_SOFTMAX + (C.SDPA_MASK if mask is not None else 0) \
+        + C.FLOPS_PER_ELEMENT["_softmax_backward_data"][0]
+    reads = nbytes(q) + nbytes(k) + nbytes(v) + 2 * nbytes(out) + lse + (nbytes(mask) if mask is not None else 0)
+    written = nbytes(q) + nbytes(k) + nbytes(v)
+    saved = [0, 1, 2, "out"] + ([3] if mask is not None else [])
+    return Grad(_cost(flops=sdpa_backward_flops(q, k, v, causal), ew=scores * per, read=reads, written=written,
+                      out=written), saved)
+
+
+@register_backward("fused_attention")
+def fused_attention_backward(q, k, v, *, grads, weight_grad, causal):
+    blind = causal == "none"
+    g = sdpa_backward(q, k, v, grads=grads, weight_grad=weight_grad, causal="flash" if blind else causal)
+    cost = g[0]
+    if blind:
+        cost = Cost(bytes_read=cost.bytes_read, bytes_written=cost.bytes_written,
+                    activation_bytes=cost.activation_bytes)
+    return Grad(cost, g[1])
+
+
+# elementwise ops: the gradient of each input that needs one is one kernel over its elements
+@register_backward("gelu", "silu", "sigmoid", "tanh")
+def activation_backward(x, *, grads, weight_grad, out_itemsize=None, **attrs):
+    """`<op>_backward(grad, x)`: reads the gradient and the saved input, writes grad_x."""
+    n, b = numel(x), itemsize(x)
+    return Grad(_gx(n, b, "silu_backward", reads=2 * n * b) if grads[0] else Cost(), [0])
+
+
+@register_backward("exp", "sqrt", "rsqrt", "pow")
+def pointwise_backward(x, *, grads, weight_grad, out_itemsize=None, **attrs):
+    """grad times the derivative, from the saved input (pow) or output (exp, sqrt, rsqrt): one op
+    computing the derivative and one multiply over the elements."""
+    n, b = numel(x), itemsize(x)
+    if not grads[0]:
+        return Grad(Cost())
+    return Grad(_gx(n, b, "mul", reads=2 * n * b) * 2, [0])
+
+
+@register_backward("neg", "scalar_mul")
+def constant_backward(x, *, grads, weight_grad, out_itemsize=None, **attrs):
+    """grad times a constant (-1, a Python scalar): one op, nothing saved."""
+    n, b = numel(x), itemsize(x)
+    return Grad(_gx(n, b, "mul", reads=n * b) if grads[0] else Cost())
+
+
+def _reduce_to(shape: Shape, out: Shape, b) -> Cost:
+    """The gradient of a broadcast input: the output's gradient summed over the broadcast dims."""
+    if tuple(sp.sympify(d) for d in shape) == tuple(sp.sympify(d) for d in out):
+        return Cost()
+    return _cost(ew=ew("sum", numel(out)), read=numel(out) * b, written=numel(shape) * b, out=numel(shape) * b)
+
+
+def _sum_backward(xs, grads, negated=()) -> Grad:
+    out = broadcast(*xs)
+    b = itemsize(xs[0])
+    cost = Cost()
+    for i, need in enumerate(grads):
+        if need:
+            cost += _reduce_to(xs[i], out, b)
+            if i in negated:
+                cost += _gx(numel(xs[i]), b, "neg", reads=numel(xs[i]) * b)
+    return Grad(cost)
+
+
+@register_backward("add")
+def add_backward(*xs, grads, weight_grad, out_itemsize=None, **attrs):
+    """The gradient passes through (no op) to each input, summed over its broadcast dims when it was
+    broadcast."""
+    return _sum_backward(xs, grads)
+
+
+@register_backward("sub")
+def sub_backward(*xs, grads, weight_grad, out_itemsize=None, **attrs):
+    """As add's, the second input's gradient negated (one op)."""
+    return _sum_backward(xs, grads, negated=(1,))
+
+
+@register_backward("mul", "div", "promote_mul")
+def mul_backward(*xs, grads, weight_grad, out_itemsize=None, **attrs):
+    """grad_a = grad * b, grad_b = grad * a (div: grad / b and -grad * a / b^2: two more ops), each
+    reduced over its broadcast dims."""
+    out = broadcast(*xs)
+    ob = _size(out_itemsize, xs[0])
+    n = numel(out)
+    cost, saved = Cost(), set()
+    for i, need in enumerate(grads[:2]):
+        if need:
+            other = xs[1 - i] if len(xs) > 1 else xs[0]
+            cost += _cost(ew=ew("mul", n), read=n * ob + nbytes(other), written=n * ob, out=n * ob)
+            cost += _reduce_to(xs[i], out, ob)
+            saved.add(1 - i if len(xs) > 1 else 0)
+    return Grad(cost, sorted(saved))
+
+
+@register_backward("quick_gelu")
+def quick_gelu_backward(x, *, grads, weight_grad, **attrs):
+    """x * sigmoid(1.702 x): mul's two gradients, sigmoid_backward, the scalar multiply's, and the
+    two paths into x added: five ops over the elements."""
+    n, b = numel(x), itemsize(x)
+    if not grads[0]:
+        return Grad(Cost())
+    one = _gx(n, b, "mul", reads=2 * n * b)
+    return Grad(one * 5, [0])
+
+
+@register_backward("softmax")
+def softmax_backward(x, *, grads, weight_grad, out_itemsize=None, **attrs):
+    """_softmax_backward_data(grad, out): reads both, writes grad_x."""
+    n, b = numel(x), _size(out_itemsize, x)
+    return Grad(_gx(n, itemsize(x), "_softmax_backward_data", reads=2 * n * b) if grads[0] else Cost(), ["out"])
+
+
+@register_backward("softmax_fp32")
+def softmax_fp32_backward(x, *, grads, weight_grad, out_itemsize=S.dtype_bytes):
+    """The downcast's backward (grad to fp32), _softmax_backward_data in fp32 on the saved fp32
+    output, the upcast's backward (grad back to the input's size)."""
+    n, b = numel(x), itemsize(x)
+    if not grads[0]:
+        return Grad(Cost())
+    cost = (_cast(n, out_itemsize, FLOAT32)
+            + _gx(n, FLOAT32, "_softmax_backward_data", reads=2 * FLOAT32 * n)
+            + _cast(n, FLOAT32, b))
+    return Grad(_with_output(cost, n * b), ["out"])
+
+
+@register_backward("layer_norm")
+def layer_norm_backward(x, *, grads, weight_grad, eps=None, out_itemsize=None, **attrs):
+    """aten.native_layer_norm_backward: reads grad, x, mean, rstd and the weight; writes grad_x and
+    (trained) grad_weight and grad_bias."""
+    d, rows = x[-1], prod(x[:-1])
+    b, n = itemsize(x), numel(x)
+    if not (grads[0] or weight_grad):
+        return Grad(Cost())
+    cost = _cost(ew=ew("native_layer_norm_backward", n), read=2 * n * b + 2 * rows * b + d * b,
+                 written=(n * b if grads[0] else 0) + (2 * d * b if weight_grad else 0),
+                 out=n * b if grads[0] else 0)
+    return Grad(cost, [0])
+
+
+@register_backward("rms_norm")
+def rms_norm_backward(x, *, grads, weight_grad, eps):
+    """The backward of the fp32 composite (weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)): the
+    weight multiply's gradients (grad * w; grad * normed, summed over rows when trained), the casts'
+    backward, the product's (grad * rstd; grad * x32 summed per row), rsqrt's and mean's per row and
+    broadcast back, pow's (2 x grad x), and the two paths into x32 added."""
+    rows, h = prod(x[:-1]), x[-1]
+    n, b = rows * h, itemsize(x)
+    f = FLOAT32
+    cost = _cost(ew=ew("mul", n), read=n * b + h * b, written=n * b)                          # grad * weight
+    if weight_grad:
+        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * b, written=n * b + h * b)  # grad * normed
+    cost += (_cast(n, b, f)
+             + _cost(ew=ew("mul", n), read=n * f + rows * f, written=n * f)                  # grad * rstd
+             + _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * f, written=n * f + rows * f)
+             + _cost(ew=3 * ew("mul", rows), read=3 * rows * f, written=3 * rows * f)        # rsqrt'
+             + _cost(ew=ew("div", n), read=rows * f, written=n * f)                          # mean': expand / h
+             + _cost(ew=2 * ew("mul", n), read=2 * n * f + n * f, written=2 * n * f)          # pow': 2 x grad
+             + _cost(ew=ew("add", n), read=2 * n * f, written=n * f)                          # two paths
+             + _cast(n, f, b))
+    return Grad(_with_output(cost, n * b), [0])
+
+
+@register_backward("rope_apply")
+def rope_apply_backward(x, tables, *, grads, weight_grad):
+    """grad * cos, grad * sin, rotate_half's backward (the halves swapped, one negated: neg and cat),
+    and the two paths added."""
+    n, b = numel(x), itemsize(x)
+    table = prod(tables[1:]) * itemsize(tables)
+    if not grads[0]:
+        return Grad(Cost())
+    cost = (_cost(ew=ew("mul", n), read=n * b + table, written=n * b)
+            + _cost(ew=ew("mul", n), read=n * b + table, written=n * b)
+            + _cost(ew=ew("neg", n / 2), read=n / 2 * b, written=n / 2 * b)
+            + _cost(read=n * b, written=n * b)
+            + _cost(ew=ew("add", n), read=2 * n * b, written=n * b))
+    return Grad(_with_output(cost, n * b), [1])
+
+
+@register_backward("mean")
+def mean_backward(x, *, grads, weight_grad, dim, keepdim=True, out_itemsize=None):
+    """grad expanded over the reduced dim and divided by its size: one op over the input's elements."""
+    n, b = numel(x), itemsize(x)
+    return Grad(_gx(n, b, "div", reads=numel(x) / x[dim] * b) if grads[0] else Cost())
+
+
+@register_backward("interpolate")
+def interpolate_backward(x, *, grads, weight_grad, mode, size, antialias=False, out_itemsize=None):
+    """The upsample's backward kernel: every output gradient spread over its taps (the forward's
+    FLOPs per output element); reads the gradient, writes grad_x."""
+    out, fwd = interpolate(x, mode=mode, size=size, antialias=antialias, out_itemsize=out_itemsize)
+    if not grads[0]:
+        return Grad(Cost())
+    return Grad(_cost(ew=fwd.elementwise_flops, read=nbytes(out), written=nbytes(x), out=nbytes(x)))
+
+
+@register_backward("cast")
+def cast_backward(x, *, grads, weight_grad, out_itemsize=None, dtype=None):
+    """The gradient cast back to the input's element size (a copy when the forward copied)."""
+    size = sp.sympify(out_itemsize if out_itemsize is not None else DTYPE_BYTES.get(dtype, itemsize(x)))
+    return Grad(_cast(numel(x), size, itemsize(x)) if grads[0] else Cost())
+
+
+@register_backward("reshape", "flatten", "slice", "permute", "window_partition", "window_unpartition", "pad",
+                   "cat", "clone", "heads_merge")
+def view_backward(*xs, grads, weight_grad, **attrs):
+    """A view's gradient is a view of the gradient; clone's and contiguous' pass it through; pad's and
+    cat's are slices of it (views): no kernel."""
+    return Grad(Cost())
+
+
+@register_backward("index")
+def index_backward(table, idx, *, grads, weight_grad):
+    """table[idx]'s backward: zeros of the table's shape, then index_put_ with accumulate of the
+    gradient rows (one add per gathered element); reads the index and the gradient."""
+    if not grads[0]:
+        return Grad(Cost())
+    out = (*idx, *table[1:])
+    b = itemsize(table)
+    cost = _cost(written=nbytes(table)) + _cost(ew=ew("index_put_acc", numel(out)),
+                                               read=nbytes(idx) + numel(out) * b + nbytes(table),
+                                               written=nbytes(table), out=nbytes(table))
+    return Grad(cost, [1])
+
+
+@register_backward("embedding")
+def embedding_backward(ids, *, grads, weight_grad, num_embeddings, embedding_dim, out_itemsize=S.dtype_bytes):
+    """aten.embedding_dense_backward (only when the table trains): zeros of the table, then the
+    gradient rows added at their ids."""
+    if not weight_grad:
+        return Grad(Cost())
+    table = num_embeddings * embedding_dim * out_itemsize
+    n = numel(ids) * embedding_dim
+    return Grad(_cost(ew=ew("index_put_acc", n), read=nbytes(ids) + n * out_itemsize, written=2 * table), [0])
+
+
+@register_backward("masked_scatter_")
+def masked_scatter_backward(x, source, *, grads, weight_grad):
+    """grad of the embeddings: the gradient with the image slots zeroed (masked_fill); grad of the image
+    features: the gradient's image slots (masked_select): each reads the mask and the gradient."""
+    tokens = prod(x[:-1])
+    cost = Cost()
+    if grads[0]:
+        cost += _cost(ew=ew("masked_fill_", numel(x)), read=tokens * BOOL + nbytes(x), written=nbytes(x),
+                      out=nbytes(x))
+    if len(grads) > 1 and grads[1]:
+        cost += _cost(read=tokens * BOOL + nbytes(x), written=nbytes(source), out=nbytes(source))
+    return Grad(cost)
+
+
+@register_backward("router_topk")
+def router_topk_backward(scores, *, grads, weight_grad, k):
+    """topk's backward: zeros of the scores' shape, the k weights' gradients scattered at their indices."""
+    if not grads[0]:
+        return Grad(Cost())
+    tokens = prod(scores[:-1])
+    b = itemsize(scores)
+    return Grad(_cost(read=tokens * k * (b + INT64), written=2 * nbytes(scores), out=nbytes(scores)))
+
+
+@register_backward("moe_repeat")
+def moe_repeat_backward(x, *, grads, weight_grad, k):
+    """repeat_interleave's backward: the k copies' gradients summed per token."""
+    if not grads[0]:
+        return Grad(Cost())
+    return Grad(_cost(ew=ew("sum", numel(x) * k), read=nbytes(x) * k, written=nbytes(x), out=nbytes(x)))
+
+
+@register_backward("expert_rows")
+def expert_rows_backward(x, idx, *, grads, weight_grad, experts):
+    """Per expert, x[mask]'s backward: zeros of x's shape, the expert's row gradients put at the mask
+    (index_put_ with accumulate), and the experts' gradients of x added up: 1 + 1 adds per row element
+    and a full write (zeros) and read (the sum) of x per expert."""
+    if not grads[0]:
+        return Grad(Cost())
+    slots, width = x[0], x[-1]
+    b = itemsize(x)
+    full = slots * width * b
+    cost = _cost(ew=ew("index_put_acc", slots * width) + experts * ew("add", slots * width),
+                 read=experts * (BOOL * slots + full) + full, written=2 * experts * full, out=full)
+    return Grad(cost, [1])
+
+
+@register_backward("expert_scatter")
+def expert_scatter_backward(rows, idx, *, grads, weight_grad, experts):
+    """Per expert, the gradient of its rows: the output gradient at the expert's mask (a boolean gather)."""
+    if not grads[0]:
+        return Grad(Cost())
+    slots, width = rows[0], rows[-1]
+    b = itemsize(rows)
+    return Grad(_cost(read=experts * BOOL * slots + slots * width * b, written=slots * width * b,
+                      out=slots * width * b), [1])
+
+
+@register_backward("weighted_sum")
+def weighted_sum_backward(y, w, *, grads, weight_grad, k, out_itemsize=S.dtype_bytes):
+    """The cast's backward (to fp32), the sum's (a broadcast view), the product's: grad * w (fp32, cast
+    to y's size) and grad * y summed over the hidden dim (the routing weights' gradient)."""
+    slots, width = y
+    tokens = slots / k
+    n = slots * width
+    cost = _cast(tokens * width, out_itemsize, FLOAT32)
+    if grads[0]:
+        cost += _cost(ew=ew("mul", n), read=FLOAT32 * tokens * width + nbytes(w), written=FLOAT32 * n)
+        cost += _cast(n, FLOAT32, itemsize(y))
+    if grads[1]:
+        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=FLOAT32 * tokens * width + nbytes(y),
+                      written=FLOAT32 * n + nbytes(w))
+    out = (n * itemsize(y) if grads[0] else 0) + (nbytes(w) if grads[1] else 0)
+    return Grad(_with_output(cost, out), [0, 1])
+
+
+@register_backward("aux_loss")
+def aux_loss_backward(scores, idx, *, grads, weight_grad, experts, k, batch):
+    """The balance loss's gradient into the routing scores: the mean's and the product's backward
+    (alpha x counts / tokens per score element): two ops over the scores."""
+    if not grads[0]:
+        return Grad(Cost())
+    n = numel(scores)
+    return Grad(_cost(ew=2 * ew("mul", n), read=2 * FLOAT32 * n, written=FLOAT32 * n, out=FLOAT32 * n))
+
+
+@register_backward("attach_loss")
+def attach_loss_backward(x, loss, *, grads, weight_grad):
+    """The gradient of y passes through; the auxiliary loss gets a scalar one (torch.ones(1))."""
+    return Grad(_cost(written=itemsize(loss)) if len(grads) > 1 and grads[1] else Cost())
+
+
+@register_backward("log_softmax")
+def log_softmax_backward(x, *, grads, weight_grad, **attrs):
+    """_log_softmax_backward_data(grad, out): reads both, writes grad_x."""
+    n, b = numel(x), itemsize(x)
+    return Grad(_gx(n, b, "_log_softmax_backward_data", reads=2 * n * b) if grads[0] else Cost(), ["out"])
+
+
+@register_backward("nll_loss")
+def nll_loss_backward(log_probs, *, grads, weight_grad, **attrs):
+    """aten.nll_loss_backward: zeros of the log-probabilities' shape, -1/n written at each row's label."""
+    rows = prod(log_probs[:-1])
+    b = itemsize(log_probs)
+    if not grads[0]:
+        return Grad(Cost())
+    return Grad(_cost(ew=ew("nll_loss_backward", rows), read=rows * INT64 + b, written=nbytes(log_probs),
+                      out=nbytes(log_probs)))
+
+
+def backward(kind: str, inputs: Sequence[Shape], attrs: dict, grads: tuple, weight_grad: bool) -> Grad:
+    """The backward formula of a node (its forward's kind, input specs and attrs)."""
+    try:
+        fn = BACKWARD[kind]
+    except KeyError:
+        raise ValueError(f"no backward formula registered for op kind {kind!r}") from None
+    attrs = dict(attrs)
+    when = attrs.pop("when", None)
+    specs = [x if isinstance(x, Spec) else Spec(x) for x in inputs]
+    cost, saved = fn(*specs, grads=tuple(grads), weight_grad=bool(weight_grad), **attrs)
+    return Grad(cost if when is None else cost * when, saved)

@@ -34,10 +34,12 @@ def graph(model, mode, variants=None):
     return model.graph(mode, model.variants() if variants is None else variants)
 
 
-def scope_stages(model, mode, scope: str) -> tuple[str, ...]:
-    """The stages a scope is made of (a composite: all of its parts'; a stage: itself)."""
+def scope_stages(model, mode, scope: str, variants=None) -> tuple[str, ...]:
+    """The stages a scope is made of (a composite: all of its parts', or itself when it is a stage; a
+    stage: itself)."""
     parts = model.composites.get(scope, (scope,))
-    return tuple(s for s in model.stages(mode) if any(s == p or s.startswith(p + ".") for p in parts))
+    return tuple(s for s in model.stages(mode, variants)
+                 if s == scope or any(s == p or s.startswith(p + ".") for p in parts))
 
 
 def _names(values: dict) -> dict:
@@ -102,7 +104,7 @@ def param_summary(model, mode, dtype_values: dict, variants=None) -> dict:
     lm = model.lm_scope
     if lm in g.scopes:
         dec = P.executed(g, lm)
-        first = next(s for s in model.stages(mode) if s.startswith(lm + "."))
+        first = next((s for s in model.stages(mode, variants) if s.startswith(lm + ".")), lm)
         emb = [w for n, w in P.per_node(g, first).items() if g.g.nodes[n]["kind"] == "embedding"]
         out["active_per_token"] = cnt(dec.active)
         out["active_per_token_weight_bytes"] = num(dec.active_bytes)
@@ -123,7 +125,9 @@ def stage_peak(model, mode, stage: str, variants=None) -> LV.Peak:
     g = graph(model, mode, variants)
     key = (id(g), stage)
     if key not in _PEAKS:
-        _PEAKS[key] = (g, LV.liveness(g, stage))
+        # a stage that is a composite (a training step) is one pass over all of its parts
+        target = stage if stage in g.scopes else tuple(model.composites[stage])
+        _PEAKS[key] = (g, LV.liveness(g, target))
     return _PEAKS[key][1]
 
 
@@ -131,7 +135,7 @@ def peak_formula(model, mode, scope: str, variants=None) -> sp.Expr:
     """Peak activation bytes of a scope: Max over its stages' peaks (a summed stage at its last index)."""
     g = graph(model, mode, variants)
     exprs = []
-    for st in scope_stages(model, mode, scope):
+    for st in scope_stages(model, mode, scope, variants):
         e = stage_peak(model, mode, st, variants).expr
         summed = _summed(g, st)
         if summed is not None:
@@ -146,7 +150,7 @@ def peaks(model, mode, values: dict, variants=None, only=None) -> dict[str, dict
     """Peak activation bytes of every stage (or those in `only`) and the node running at the peak, at one point."""
     g = graph(model, mode, variants)
     out = {}
-    for st in model.stages(mode):
+    for st in model.stages(mode, variants):
         if only is not None and st not in only:
             continue
         v = _names(values)
@@ -165,8 +169,9 @@ def peaks(model, mode, values: dict, variants=None, only=None) -> dict[str, dict
     return out
 
 
-def scope_peak(model, mode, scope: str, stage_peaks: dict) -> int:
-    return max((stage_peaks[s]["bytes"] for s in scope_stages(model, mode, scope) if s in stage_peaks), default=0)
+def scope_peak(model, mode, scope: str, stage_peaks: dict, variants=None) -> int:
+    return max((stage_peaks[s]["bytes"] for s in scope_stages(model, mode, scope, variants) if s in stage_peaks),
+               default=0)
 
 
 # ---- roofline ---------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def roofline(model, mode, fixed: dict, values: dict, hws: list[Hardware], varian
     g = graph(model, mode, variants)
     vals = _names(values)
     raws = {}
-    for st in model.roofline_stages(mode):
+    for st in model.roofline_stages(mode, variants):
         if st not in g.scopes:
             continue
         sm = RL.stage_model(g, st, fixed)
@@ -245,7 +250,7 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
     g = graph(model, mode, variants)
     out = {}
     need_peaks = "activations" in groups or hardware
-    wanted = None if hardware else {st for sc in scopes for st in scope_stages(model, mode, sc)}
+    wanted = None if hardware else {st for sc in scopes for st in scope_stages(model, mode, sc, variants)}
     stage_peaks = peaks(model, mode, values, variants, wanted) if need_peaks else {}
     kv = kv_summary(model, sequence, dv) if ("kv_cache" in groups or hardware) and model.generates else None
     summary = param_summary(model, mode, dv, variants) if ("params" in groups or hardware) else None
@@ -263,8 +268,8 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
         out["params"] = summary
     if "activations" in groups:
         for s in scopes:
-            if scope_stages(model, mode, s):  # a scope inside a stage has no liveness pass of its own
-                derived[s]["peak_activation_bytes"] = scope_peak(model, mode, s, stage_peaks)
+            if scope_stages(model, mode, s, variants):  # a scope inside a stage has no liveness pass of its own
+                derived[s]["peak_activation_bytes"] = scope_peak(model, mode, s, stage_peaks, variants)
         out["activations"] = {"peak": stage_peaks, "note": "peak live bytes of op outputs per stage (inputs, "
                               "weights and the KV cache excluded); a summed stage (decode) at its last step "
                               "(t = output_tokens-1); a scope's peak is the max of its stages'"}

@@ -45,8 +45,23 @@ def variant_args(q) -> None:
             if o.name in seen:
                 continue
             seen.add(o.name)
-            q.add_argument(f"--{o.name.replace('_', '-')}", choices=list(o.choices), default=None,
-                           help=f"{o.help} (default: {o.default})")
+            if o.choices:
+                q.add_argument(f"--{o.name.replace('_', '-')}", choices=list(o.choices), default=None,
+                               help=f"{o.help} (default: {o.default})")
+            else:
+                q.add_argument(f"--{o.name.replace('_', '-')}", type=_parsed(o), default=None,
+                               help=f"{o.help} (default: {o.default})")
+
+
+def _parsed(option):
+    """An argparse type for a free-valued variant option: its parser, a bad value one clear line."""
+    def parse(text: str):
+        try:
+            return option.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{option.name.replace('_', '-')}: not a valid value: {text!r}") \
+                from None
+    return parse
 
 
 def dtype_arg(q) -> None:
@@ -60,6 +75,8 @@ def sequence_args(q) -> None:
                         "of the OCR prompt)")
     q.add_argument("--output-tokens", type=int, default=None,
                    help="generated tokens, >= 1: the prefill yields the first (default: the model's, 1000)")
+    q.add_argument("--batch", type=int, default=None,
+                   help="pages per micro-batch of a training step (--phase train; default 1)")
 
 
 def output_text_tokens_arg(q) -> None:
@@ -121,7 +138,15 @@ def variants_of(model, args):
 
 def sequence_of(model, args) -> dict:
     seq = dict(model.default_sequence())
-    for k in ("text_tokens", "output_tokens"):
+    training = getattr(args, "phase", None) == "train"
+    if training and getattr(args, "output_tokens", None) is not None:
+        raise UserError("--output-tokens applies to --phase inference (a training step generates nothing: its "
+                        "sequence is the prompt and the answer, --text-tokens)")
+    if getattr(args, "batch", None) is not None and not training:
+        raise UserError("--batch applies to --phase train")
+    if training and seq:
+        seq["output_tokens"] = 1
+    for k in ("text_tokens", "output_tokens", "batch"):
         v = getattr(args, k, None)
         if v is not None:
             if not seq:
@@ -136,9 +161,9 @@ def point_of(model, mode, args):
                        what_if=args.what_if, **sequence_of(model, args), **input_options(args))
 
 
-def scopes_of(model, mode, args) -> tuple[str, ...]:
-    """--scope is repeatable and takes comma lists; default: every scope of the mode."""
-    allowed = model.scopes(mode)
+def scopes_of(model, mode, args, variants=None) -> tuple[str, ...]:
+    """--scope is repeatable and takes comma lists; default: every scope of the mode (and phase)."""
+    allowed = model.scopes(mode, variants)
     if not args.scope:
         return allowed
     scopes = split_list(args.scope, "scope")

@@ -60,7 +60,7 @@ def cmd_cost(args) -> int:
     variants = variants_of(model, args)
     hardware = parse_hardware(args.hardware, args.dtype)
     point = point_of(model, mode, args)
-    scopes = scopes_of(model, mode, args)
+    scopes = scopes_of(model, mode, args, variants)
     cost_metrics = [m for g in groups for m in METRIC_GROUPS[g]] if args.metrics is not None else list(METRICS)
     totals = stages.totals(model, mode, point, scopes, cost_metrics, variants, args.dtype)
     out = {"model": model.name, "mode": mode.name, **point.record, "variants": variants.as_dict(),
@@ -137,7 +137,7 @@ def cmd_formula(args) -> int:
     variants = variants_of(model, args)
     if args.metric not in FORMULA_METRICS:
         raise UserError(f"unknown metric {args.metric!r} (choose from {', '.join(FORMULA_METRICS)})")
-    scopes = model.scopes(mode)
+    scopes = model.scopes(mode, variants)
     scope = args.scope or scopes[0]
     if scope not in scopes:
         raise UserError(f"unknown scope {scope!r} (choose from {', '.join(scopes)})")

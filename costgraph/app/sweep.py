@@ -304,8 +304,8 @@ def evaluate(mode_name: str, points: dict[str, np.ndarray], scopes, metrics, seq
     return out
 
 
-def _scopes(model, mode, scopes=None) -> tuple[str, ...]:
-    allowed = model.scopes(mode)
+def _scopes(model, mode, scopes=None, variants=None) -> tuple[str, ...]:
+    allowed = model.scopes(mode, variants)
     if scopes is None:
         return tuple(allowed)
     bad = [s for s in scopes if s not in allowed]
@@ -352,7 +352,7 @@ def sweep_grids(mode_name: str, grids=None, max_num: int | None = None, seq: Seq
     model = get_model(seq.model)
     mode = model.get_mode(mode_name)
     cols, points, baseline, params = model.grid_columns(mode, grids, max_num, **options)
-    scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
+    scopes, metrics = _scopes(model, mode, scopes, seq.variants), _metrics(metrics)
     no_crop = None
     if baseline is not None:
         base_points, record = baseline
@@ -378,7 +378,7 @@ def sweep_pages(mode_name: str, widths, heights, max_num: int | None = None, seq
     heights = np.asarray(heights, dtype=np.int64).ravel()
     if widths.shape != heights.shape or widths.size == 0:
         raise ValueError("a page sweep needs as many widths as heights, at least one")
-    scopes, metrics = _scopes(model, mode, scopes), _metrics(metrics)
+    scopes, metrics = _scopes(model, mode, scopes, seq.variants), _metrics(metrics)
     cols, points, params = model.page_columns(mode, widths, heights, max_num, **options)
     if labels is not None:
         cols = {"page": np.asarray(labels), **cols}

@@ -69,7 +69,7 @@ def build_rows(spec, sequence: dict | None = None, variants=None, metrics=METRIC
     for mode_name, grid in spec:
         mode = model.get_mode(mode_name)
         point = model.table_point(mode, grid, max_num=max_num, **seq, **options)
-        totals = exact_totals(model, mode, point, model.scopes(mode), metrics, variants, dtype or "bf16")
+        totals = exact_totals(model, mode, point, model.scopes(mode, variants), metrics, variants, dtype or "bf16")
         rows.append(Row(mode.name, tuple(model.table_cells(mode, point)), totals))
     return rows
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from costgraph import forms
 from costgraph.model import Model, Point, VariantOption
-from . import assembly, decoder, layout as L
+from . import assembly, decoder, layout as L, training
 from . import symbols as S
 from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES, VISION
 from .published import PARAM_PARTS, PUBLISHED
@@ -23,8 +23,8 @@ class DeepSeekOCR(Model):
     title = "DeepSeek-OCR (SAM ViT-B + CLIP-L + projector, DeepSeek-V2 MoE 3B)"
     modes = MODES
     default_mode = "gundam"
-    composites = assembly.COMPOSITE
-    report_parts = {assembly.E2E: assembly.E2E_PARTS}
+    composites = {**assembly.COMPOSITE, **training.COMPOSITE}
+    report_parts = {assembly.E2E: assembly.E2E_PARTS, **training.REPORT_PARTS}
     variant_options = (
         VariantOption("attention", tuple(decoder.ATTENTION), "eager",
                       "eager: full L x L (vendor HF); flash: causal half; uncounted: 0, as profilers "
@@ -34,6 +34,21 @@ class DeepSeekOCR(Model):
         VariantOption("rope", decoder.ROPE, "vendor",
                       "vendor: cos/sin recomputed per layer (a small matmul); once: per forward, "
                       "elementwise (transformers 5.x)"),
+        VariantOption("phase", decoder.PHASES, "inference",
+                      "inference: vision, prefill, decode; train: a fine-tuning step (forward, loss, backward, "
+                      "optimizer) per micro-batch of --batch pages"),
+        VariantOption("train", decoder.TRAIN, "lm",
+                      "what trains (--phase train): lm (vendor HF: vision under no_grad), full, lm+clip+projector "
+                      "(SAM frozen), lora"),
+        VariantOption("lora_rank", (), 16, "LoRA rank r (--train lora)", parse=int),
+        VariantOption("lora_alpha", (), 16, "LoRA alpha (scaling alpha/r; --train lora)", parse=int),
+        VariantOption("lora_targets", (), ",".join(decoder.LORA_TARGETS),
+                      "LoRA targets among q,k,v,o,gate,up,down (the <name>_proj modules; --train lora)"),
+        VariantOption("optimizer", decoder.OPTIMIZERS, "adamw",
+                      "optimizer state and update (--phase train): AdamW (two fp32 moments), 8-bit AdamW, SGD"),
+        VariantOption("checkpointing", decoder.CHECKPOINTING, "none",
+                      "gradient checkpointing (--phase train): none, or per decoder layer (recomputed before "
+                      "its backward)"),
     )
     generates = True
     max_positions = MAX_POSITIONS
@@ -46,6 +61,14 @@ class DeepSeekOCR(Model):
 
     # ---- modes and variants -----------------------------------------------------------------
     def variants(self, **options):
+        if options.get("phase", "inference") != "train":
+            given = [k for k in decoder.TRAINING_FIELDS if k in options]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} applies to --phase train")
+        elif options.get("train", "lm") != "lora":
+            given = [k for k in ("lora_rank", "lora_alpha", "lora_targets") if k in options]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} applies to --train lora")
         return decoder.Variants(**options)
 
     def mode_values(self, mode):
@@ -53,19 +76,30 @@ class DeepSeekOCR(Model):
 
     # ---- graph and scopes -------------------------------------------------------------------
     def graph(self, mode, variants):
-        return assembly.model_graph(True if mode is None else mode.crop_mode, variants)
+        crop_mode = True if mode is None else mode.crop_mode
+        if variants.training:
+            return training.train_graph(crop_mode, variants)[0]
+        return assembly.model_graph(crop_mode, variants)
 
-    def scopes(self, mode):
+    def scopes(self, mode, variants=None):
+        if variants is not None and variants.training:
+            return training.scopes_for(mode)
         return assembly.scopes_for(mode)
 
-    def stages(self, mode):
+    def stages(self, mode, variants=None):
+        if variants is not None and variants.training:
+            return training.STAGES
         g = self.graph(mode, decoder.VENDOR)
         return tuple(s for s in assembly.STAGES if s in g.scopes)
 
-    def roofline_stages(self, mode):
+    def roofline_stages(self, mode, variants=None):
+        if variants is not None and variants.training:
+            return ("vision", "decoder", "backward", "recompute", "optimizer")
         return assembly.ROOFLINE_STAGES
 
     def formula(self, mode, scope, metric, variants):
+        if variants.training:
+            return training.formula(mode, scope, metric, variants)
         return assembly.formula(mode, scope, metric, variants)
 
     def prompt_length(self, mode):
@@ -87,7 +121,7 @@ class DeepSeekOCR(Model):
 
     def point(self, mode, *, size=None, image=None, grid=None, max_num=MAX_CROPS, what_if=False,
               text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS,
-              output_text_tokens=None) -> Point:
+              output_text_tokens=None, batch=None) -> Point:
         """A page (by size, image file or crop grid) and what the language model runs for it;
         `output_text_tokens` (the page's OCR text in tokens) adds the compression ratio."""
         note = None
@@ -102,7 +136,9 @@ class DeepSeekOCR(Model):
                "sequence": assembly.sequence_record(mode, lay, text_tokens, output_tokens)}
         if note:
             rec["layout"]["what_if"] = note
-        values = {**assembly.layout_values(lay), **assembly.sequence_values(text_tokens, output_tokens)}
+        if batch is not None:
+            rec["sequence"]["batch"] = batch
+        values = {**assembly.layout_values(lay), **self.sequence_values(text_tokens, output_tokens, batch or 1)}
         r = rec["layout"]
         label = (f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
                  f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")
@@ -194,14 +230,17 @@ class DeepSeekOCR(Model):
         return need > MAX_POSITIONS, (f"prompt + output tokens exceed the language model's {MAX_POSITIONS:,} "
                                       f"positions (output_tokens {sequence['output_tokens']:,})")
 
-    def check_sequence(self, text_tokens, output_tokens):
-        assembly.sequence_values(text_tokens, output_tokens)
+    def check_sequence(self, text_tokens, output_tokens, batch=1):
+        self.sequence_values(text_tokens, output_tokens, batch)
         if 1 + text_tokens + output_tokens - 1 > MAX_POSITIONS:
             raise ValueError(f"text_tokens {text_tokens:,} and output_tokens {output_tokens:,} exceed the language "
                              f"model's {MAX_POSITIONS:,} positions before any image token")
 
-    def sequence_values(self, text_tokens, output_tokens):
-        return assembly.sequence_values(text_tokens, output_tokens)
+    def sequence_values(self, text_tokens, output_tokens, batch=1):
+        """The sequence symbols' values; `batch`: pages per training micro-batch (a training step's B)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        return {**assembly.sequence_values(text_tokens, output_tokens), S.batch: batch}
 
     def describe(self, mode, point, variants, dtype):
         r, q = point.record["layout"], point.record["sequence"]

@@ -54,9 +54,11 @@ def model_graph(crop_mode: bool = True, variants: Variants = VENDOR, cfg: LMConf
     return g
 
 
-def _add_vision(g: CostGraph, crop_mode: bool, cfg: VisionConfig = VISION) -> Tensor:
-    """The vision scopes; returns the image slots (the assembled sequence)."""
-    g.scope("vision", doc="DeepEncoder: every view, then token assembly")
+def _add_vision(g: CostGraph, crop_mode: bool, cfg: VisionConfig = VISION, pages=1) -> Tensor:
+    """The vision scopes; returns the image slots (the assembled sequence). `pages`: how many pages
+    run through it one after another (a training micro-batch: the vendor loops over its pages)."""
+    g.scope("vision", multiplicity=pages, doc="DeepEncoder: every view, then token assembly"
+            + (" (per page, for each page of the batch)" if pages != 1 else ""))
     side = S.base_size if crop_mode else S.image_size
     out_global = vision.view(g.scope("vision.global", doc="the global view, batch 1"), side, cfg=cfg)
     out_crop = None

@@ -47,26 +47,63 @@ ATTENTION = {
 }
 LM_HEAD = ("all", "last")     # vendor HF prefill: every prompt position; vLLM: the last one only
 ROPE = ("vendor", "once")     # vendor: cos/sin per layer via inv_freq @ positions; transformers 5.x: once, elementwise
-
+PHASES = ("inference", "train")
+# What trains (SPEC section 7): the vendor HF forward runs vision under no_grad (the language model
+# trains); full; SAM frozen; LoRA adapters on the language model's projections.
+TRAIN = ("lm", "full", "lm+clip+projector", "lora")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+CHECKPOINTING = ("none", "layer")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TRAINING_FIELDS = ("train", "lora_rank", "lora_alpha", "lora_targets", "optimizer", "checkpointing")
 
 
 @dataclass(frozen=True)
 class Variants:
-    """How the language model is run. Defaults follow the vendor HF path."""
+    """How the model is run. Defaults follow the vendor HF path; `phase="train"` is a fine-tuning step
+    (forward, backward, optimizer) under the training settings below."""
     attention: str = "eager"
     lm_head: str = "all"
     rope: str = "vendor"
+    phase: str = "inference"
+    train: str = "lm"
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_targets: str = ",".join(LORA_TARGETS)
+    optimizer: str = "adamw"
+    checkpointing: str = "none"
 
     def __post_init__(self):
-        for name, allowed in (("attention", ATTENTION), ("lm_head", LM_HEAD), ("rope", ROPE)):
+        for name, allowed in (("attention", ATTENTION), ("lm_head", LM_HEAD), ("rope", ROPE), ("phase", PHASES),
+                              ("train", TRAIN), ("optimizer", OPTIMIZERS), ("checkpointing", CHECKPOINTING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} variant {getattr(self, name)!r} (choose from {', '.join(allowed)})")
+        for name in ("lora_rank", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        targets = self.lora_targets.split(",")
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise ValueError(f"unknown LoRA target {bad[0] if bad else ''!r} (choose from {', '.join(LORA_TARGETS)})")
+        if self.phase == "train" and self.lm_head != "all":
+            raise ValueError("a training step computes the logits of every position (--lm-head all)")
 
-    def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+    @property
+    def training(self) -> bool:
+        return self.phase == "train"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        if not self.training:
+            for k in TRAINING_FIELDS:
+                d.pop(k)
+        elif self.train != "lora":
+            for k in ("lora_rank", "lora_alpha", "lora_targets"):
+                d.pop(k)
+        return d
 
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
 
 
 VENDOR = Variants()
@@ -168,36 +205,48 @@ def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, past, hits, 
 
 
 def layer(b: ScopeBuilder, x: Tensor, i: int, kind: str, cfg: LMConfig, v: Variants, *, tokens, past, pos,
-          mask, tables, hits) -> Tensor:
+          mask, tables, hits, batch=1, cache: bool = True, moe_block=None, linear=None) -> Tensor:
+    """One decoder layer. `batch` sequences of `tokens`; `cache`: keys and values go through the KV
+    cache (inference); `moe_block` builds the MoE MLP (default: the inference experts loop);
+    `linear` builds a projection (default: a plain linear; training adds LoRA through it)."""
     p = f"layers.{i}"
+    linear = linear or plain_linear
     h = b.op(f"{p}.input_layernorm", "rms_norm", x, eps=cfg.rms_norm_eps)
-    h = self_attn(b, h, f"{p}.self_attn", cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables)
+    h = self_attn(b, h, f"{p}.self_attn", cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables,
+                  batch=batch, cache=cache, linear=linear)
     x = b.op(f"{p}.residual_attn", "add", x, h)
     h = b.op(f"{p}.post_attention_layernorm", "rms_norm", x, eps=cfg.rms_norm_eps)
     if kind == "dense":
-        h = swiglu(b, h, f"{p}.mlp", cfg.hidden, cfg.dense_intermediate)
+        h = swiglu(b, h, f"{p}.mlp", cfg.hidden, cfg.dense_intermediate, linear=linear)
+    elif moe_block is not None:
+        h = moe_block(b, h, f"{p}.mlp", cfg, tokens, batch)
     else:
         h = moe(b, h, f"{p}.mlp", cfg, tokens, hits)
     return b.op(f"{p}.residual_mlp", "add", x, h)
 
 
+def plain_linear(b: ScopeBuilder, path: str, x: Tensor, *, in_features, out_features) -> Tensor:
+    return b.op(path, "linear", x, in_features=in_features, out_features=out_features, bias=False)
+
+
 def self_attn(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, v: Variants, *, tokens, past, pos, mask,
-              tables) -> Tensor:
+              tables, batch=1, cache: bool = True, linear=None) -> Tensor:
     nh, hd, hid = cfg.heads, cfg.head_dim, cfg.hidden
     causal = ATTENTION[v.attention]
-    q, k, val = (b.op(f"{p}.{n}_proj", "linear", h, in_features=hid, out_features=nh * hd, bias=False)
-                 for n in "qkv")
-    q, k, val = (b.op(f"{p}.{n}_heads", "reshape", t, shape=(1, nh, tokens, hd))
+    linear = linear or plain_linear
+    q, k, val = (linear(b, f"{p}.{n}_proj", h, in_features=hid, out_features=nh * hd) for n in "qkv")
+    q, k, val = (b.op(f"{p}.{n}_heads", "reshape", t, shape=(batch, nh, tokens, hd))
                  for n, t in zip("qkv", (q, k, val)))
     if v.rope == "vendor":
         # every attention layer recomputes its cos/sin: inv_freq (pairs x 1) @ positions (1 x T)
         tables = b.op(f"{p}.rotary_emb", "rope_tables", pos, head_dim=hd, matmul=True, out_itemsize=S.dtype_bytes)
     q = b.op(f"{p}.rotary_q", "rope_apply", q, tables)
     k = b.op(f"{p}.rotary_k", "rope_apply", k, tables)
-    pk = b.input(f"{p}.past_key", (1, nh, past, hd))
-    pv = b.input(f"{p}.past_value", (1, nh, past, hd))
-    k = b.op(f"{p}.cache_key", "cache_update", pk, k)
-    val = b.op(f"{p}.cache_value", "cache_update", pv, val)
+    if cache:
+        pk = b.input(f"{p}.past_key", (batch, nh, past, hd))
+        pv = b.input(f"{p}.past_value", (batch, nh, past, hd))
+        k = b.op(f"{p}.cache_key", "cache_update", pk, k)
+        val = b.op(f"{p}.cache_value", "cache_update", pv, val)
     if v.attention == "eager":
         s = b.op(f"{p}.scores", "attention_scores", q, k, causal=causal)
         s = b.op(f"{p}.scale", "scalar_mul", s)
@@ -205,19 +254,21 @@ def self_attn(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, v: Variants, *,
         s = b.op(f"{p}.softmax", "softmax_fp32", s, out_itemsize=S.dtype_bytes)
         o = b.op(f"{p}.probs_values", "attention_values", s, val, causal=causal)
         # (1, heads, T, hd) -> (1, T, heads, hd): a copy, except for one token (already contiguous)
-        o = b.op(f"{p}.merge_heads", "heads_merge", o, shape=(1, tokens, nh * hd), copies=sp.sympify(tokens) != 1)
+        o = b.op(f"{p}.merge_heads", "heads_merge", o, shape=(batch, tokens, nh * hd),
+                 copies=sp.sympify(tokens) != 1)
     else:
         o = b.op(f"{p}.attention", "fused_attention", q, k, val, causal=causal)
-        o = b.op(f"{p}.merge_heads", "reshape", o, shape=(1, tokens, nh * hd))
-    return b.op(f"{p}.o_proj", "linear", o, in_features=nh * hd, out_features=hid, bias=False)
+        o = b.op(f"{p}.merge_heads", "reshape", o, shape=(batch, tokens, nh * hd))
+    return linear(b, f"{p}.o_proj", o, in_features=nh * hd, out_features=hid)
 
 
-def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int) -> Tensor:
-    gate = b.op(f"{p}.gate_proj", "linear", h, in_features=hidden, out_features=inter, bias=False)
+def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int, linear=None) -> Tensor:
+    linear = linear or plain_linear
+    gate = linear(b, f"{p}.gate_proj", h, in_features=hidden, out_features=inter)
     act = b.op(f"{p}.act_fn", "silu", gate)
-    up = b.op(f"{p}.up_proj", "linear", h, in_features=hidden, out_features=inter, bias=False)
+    up = linear(b, f"{p}.up_proj", h, in_features=hidden, out_features=inter)
     m = b.op(f"{p}.mul", "mul", act, up)
-    return b.op(f"{p}.down_proj", "linear", m, in_features=inter, out_features=hidden, bias=False)
+    return linear(b, f"{p}.down_proj", m, in_features=inter, out_features=hidden)
 
 
 def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tensor:

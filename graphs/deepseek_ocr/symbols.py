@@ -5,7 +5,7 @@ chooses for a page; the sizes and patch parameters are fixed by a mode (or left 
 general formula). The sequence symbols (text_tokens, output_tokens, ...) and the storage dtype
 are the engine's (`costgraph.symbols`), re-exported here so the model reads from one place.
 """
-from costgraph.symbols import (context, declare, decode_step, dtype_bytes, experts_hit,  # noqa: F401
+from costgraph.symbols import (batch, context, declare, decode_step, dtype_bytes, experts_hit,  # noqa: F401
                                output_tokens, text_tokens)
 
 base_size = declare("base_size", latex=r"S_{\mathrm{base}}", doc="side of the global view (crop mode)")
@@ -19,6 +19,6 @@ downsample_ratio = declare("downsample_ratio", latex=r"r_{\mathrm{ds}}",
 LAYOUT = (w_crop, h_crop)
 SIZES = (base_size, image_size)
 PATCH = (patch_size, downsample_ratio)
-ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens, dtype_bytes,
+ALL = (base_size, image_size, w_crop, h_crop, patch_size, downsample_ratio, text_tokens, output_tokens, dtype_bytes, batch,
        experts_hit)
 BY_NAME = {s.name: s for s in ALL}

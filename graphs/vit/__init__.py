@@ -65,10 +65,10 @@ class ViT(Model):
     def graph(self, mode, variants):
         return _graph(DEFAULT if mode is None else mode)
 
-    def scopes(self, mode):
+    def scopes(self, mode, variants=None):
         return SCOPES
 
-    def stages(self, mode):
+    def stages(self, mode, variants=None):
         return ("vit",)
 
     def formula(self, mode, scope, metric, variants):
