@@ -21,13 +21,12 @@ vision, `costgraph.verify.lm_reference` for the LM) made to train as the vendor 
   position ids, which the vendor does not run: `_no_packed_sequence_check`), logits of every position, `transformers`' `ForCausalLMLoss`
   (logits.float(), labels padded with -100 and shifted, cross-entropy mean over non-ignored);
   labels are the input ids.
-- **What is trainable** (`TrainSetting.train`): `lm` (the vendor forward: vision under
+- **What is trainable** (`Variants.train` of the graph's variants, phase "train"): `lm` (the vendor forward: vision under
   `torch.no_grad`, every LM parameter trainable), `full` (everything), `lm+clip+projector` (SAM's
   parameters frozen), `lora` (the base frozen; LoRA by `peft` on the LM's Linear modules named
   by the targets: q,k,v,o -> `self_attn.{q,k,v,o}_proj`, gate,up,down -> `{gate,up,down}_proj` of
   the dense MLP, every routed expert and the shared expert; the router `mlp.gate` is not a target;
-  vision under no_grad as in `lm`). The adapters are cast to the model's dtype (peft would
-  create them fp32; the reference keeps one dtype so every op is the model's).
+  vision under no_grad as in `lm`), adapters in fp32 as `get_peft_model` keeps them by default.
 
 Vision and LM are run apart by the verifier (vision on `meta` for FLOPs, the LM on CPU): the
 vision's backward is seeded with a gradient for the image slots (what the LM's masked_scatter
@@ -43,42 +42,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from costgraph.graphs.deepseek_ocr.config import LM, LMConfig
+from costgraph.graphs.deepseek_ocr.decoder import Variants
 from .lm_reference import LanguageModel, build_language_model
 
-TRAIN = ("lm", "full", "lm+clip+projector", "lora")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 AUX_LOSS_ALPHA = 0.001   # the vendor config's aux_loss_alpha (seq_aux true)
-_TARGET_MODULES = {t: f"{t}_proj" for t in LORA_TARGETS}
 
 
-@dataclass(frozen=True)
-class TrainSetting:
-    train: str = "lm"
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+def vision_trains(v: Variants) -> bool:
+    """Whether any vision parameter trains (CLIP and the projector; SAM too for `full`)."""
+    return v.train in ("full", "lm+clip+projector")
 
-    def __post_init__(self):
-        if self.train not in TRAIN:
-            raise ValueError(f"unknown --train {self.train!r} (choose from {', '.join(TRAIN)})")
-        bad = [t for t in self.lora_targets if t not in _TARGET_MODULES]
-        if bad:
-            raise ValueError(f"unknown LoRA targets {', '.join(bad)} (choose from {', '.join(LORA_TARGETS)})")
-        if self.train == "lora" and self.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {self.lora_rank}")
 
-    @property
-    def vision_trains(self) -> bool:
-        return self.train in ("full", "lm+clip+projector")
-
-    @property
-    def sam_trains(self) -> bool:
-        return self.train == "full"
-
-    def label(self) -> str:
-        if self.train != "lora":
-            return self.train
-        return f"lora r={self.lora_rank} alpha={self.lora_alpha} targets={','.join(self.lora_targets)}"
+def sam_trains(v: Variants) -> bool:
+    return v.train == "full"
 
 
 # ---- the vendor's training MoE ----------------------------------------------------------------
@@ -235,41 +211,40 @@ def build_training_lm(cfg: LMConfig = LM, dtype: torch.dtype = torch.bfloat16, r
     return as_training_lm(build_language_model(cfg, dtype, attention="eager", rope=rope, seed=seed))
 
 
-def lora_target_modules(targets) -> list[str]:
-    return [_TARGET_MODULES[t] for t in targets]
+def lora_target_modules(v: Variants) -> list[str]:
+    """peft's target_modules for the setting's targets: q -> q_proj, ..., gate -> gate_proj."""
+    return [f"{t}_proj" for t in v.lora_targets.split(",")]
 
 
-def apply_lora(module: nn.Module, setting: TrainSetting, dtype: torch.dtype) -> None:
+def apply_lora(module: nn.Module, v: Variants) -> None:
     """peft's LoRA injected in place (module paths `<target>.base_layer`, `<target>.lora_A.default`,
-    `<target>.lora_B.default`; dropout 0 is an Identity), adapters in `dtype`, B zero-initialised
-    (peft's default)."""
+    `<target>.lora_B.default`; dropout 0 is an Identity; B zero-initialised), the adapters upcast to
+    fp32 as `get_peft_model` does by default (`autocast_adapter_dtype=True`): on a bf16 model peft then
+    casts the input to fp32 for the adapters and the sum back to bf16."""
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
 
-    config = LoraConfig(r=setting.lora_rank, lora_alpha=setting.lora_alpha, lora_dropout=0.0, bias="none",
-                        target_modules=lora_target_modules(setting.lora_targets))
+    config = LoraConfig(r=v.lora_rank, lora_alpha=v.lora_alpha, lora_dropout=0.0, bias="none",
+                        target_modules=lora_target_modules(v))
     inject_adapter_in_model(config, module)
-    for name, sub in module.named_modules():
-        if name.endswith((".lora_A.default", ".lora_B.default")):
-            sub.to(dtype)
+    cast_adapter_dtype(module, "default", autocast_adapter_dtype=True)
 
 
-def apply_setting(lm: TrainingLM, setting: TrainSetting, vision: nn.Module | None = None) -> None:
-    """requires_grad per the setting (and LoRA adapters for `lora`), in place."""
+def apply_setting(lm: TrainingLM, v: Variants) -> None:
+    """requires_grad of the LM per the setting (and LoRA adapters for `lora`), in place."""
     for p in lm.parameters():
-        p.requires_grad_(setting.train != "lora")
-    if setting.train == "lora":
-        apply_lora(lm, setting, lm.lm_head.weight.dtype)
+        p.requires_grad_(v.train != "lora")
+    if v.train == "lora":
+        apply_lora(lm, v)
         for name, p in lm.named_parameters():
             p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    if vision is not None:
-        set_vision_trainable(vision, setting)
 
 
-def set_vision_trainable(vision: nn.Module, setting: TrainSetting) -> None:
+def set_vision_trainable(vision: nn.Module, v: Variants) -> None:
     """`full`: every vision parameter; `lm+clip+projector`: all but SAM's; otherwise none."""
     for name, p in vision.named_parameters():
         sam = ".sam." in f".{name}"
-        p.requires_grad_(setting.sam_trains if sam else setting.vision_trains)
+        p.requires_grad_(sam_trains(v) if sam else vision_trains(v))
 
 
 def trainable_parameters(*modules: nn.Module) -> int:
