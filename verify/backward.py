@@ -303,7 +303,7 @@ def counting(metrics: bool = False, meta_as_cpu: bool = True):
     rec = StepMetrics(att) if metrics else contextlib.nullcontext()
     sdpa = CpuSdpaOnMeta() if meta_as_cpu else contextlib.nullcontext()
     step = Step([], [], [])
-    with att, sdpa, fl, rec:
+    with sdpa, att, fl, rec:   # att above sdpa: it tags the caller's F.scaled_dot_product_attention
         yield att, step
     step.flops, step.uncounted = fl.ops, fl.uncounted
     if metrics:

@@ -278,3 +278,83 @@ def module_table(step: Step) -> dict[tuple[str, str, str], dict[str, int]]:
         slot["calls"] += 1
         slot["flops"] += op.flops
     return dict(out)
+
+
+# ---- measured training memory ------------------------------------------------------------------------
+
+class StepLiveBytes:
+    """`costgraph.verify.memory.LiveBytes` over a forward + backward, with a timeline: live bytes of op
+    outputs after every op (a tensor saved for backward stays alive until its gradient op has run and
+    the engine releases it), and which allocations end up as parameter gradients (`.grad`), so the
+    peak can be split into activations and gradients."""
+
+    def __init__(self):
+        from .memory import LiveBytes
+
+        self.rec = LiveBytes()
+        self.timeline: list[int] = []                 # live bytes after each op
+        self.allocs: list[tuple[int, int, int]] = []  # (op index, storage key, bytes)
+        self.backward_from = 0                        # op index where the backward began
+        rec, timeline, allocs = self.rec, self.timeline, self.allocs
+        dispatch = type(rec).__torch_dispatch__
+
+        def tracked(mode, func, types, args=(), kwargs=None):
+            before = set(rec.live)
+            out = dispatch(mode, func, types, args, kwargs)
+            for key in rec.live.keys() - before:
+                allocs.append((len(timeline), key, rec.live[key]))
+            timeline.append(rec.current)
+            return out
+
+        rec.__torch_dispatch__ = tracked.__get__(rec)
+
+    def split(self, params) -> dict:
+        """Peak of live op outputs, with and without the parameter gradients made so far."""
+        grad_keys = {id(p.grad.untyped_storage()) for p in params if p.grad is not None}
+        last: dict[int, tuple[int, int]] = {}
+        for i, key, n in self.allocs:
+            last[key] = (i, n)
+        grad_at = sorted((i, n) for key, (i, n) in last.items() if key in grad_keys)
+        grads_so_far, j, best, best_i = 0, 0, 0, 0
+        for i, live in enumerate(self.timeline):
+            while j < len(grad_at) and grad_at[j][0] <= i:
+                grads_so_far += grad_at[j][1]
+                j += 1
+            if live - grads_so_far > best:
+                best, best_i = live - grads_so_far, i
+        peak_i = max(range(len(self.timeline)), key=self.timeline.__getitem__) if self.timeline else 0
+        return {"peak_bytes": self.rec.peak, "peak_in": "backward" if peak_i >= self.backward_from else "forward",
+                "activations_peak_bytes": best,
+                "activations_peak_in": "backward" if best_i >= self.backward_from else "forward",
+                "gradient_bytes": sum(n for _, n in grad_at), "ops": len(self.timeline)}
+
+
+def measure_lm_memory(model, v: Variants, batch: int, text_tokens: int, slots: int, seed: int = 0) -> dict:
+    """Live bytes of op outputs over one training step of the LM reference on CPU (weights and inputs
+    are not op outputs: not counted, as in the graph's liveness)."""
+    cfg = model.cfg
+    ids, mask = lm_batch(cfg, batch, 1 + slots + text_tokens, slots, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    feats = (torch.randn(batch, slots, cfg.hidden, generator=gen) * 0.02).to(model.lm_head.weight.dtype)
+    feats.requires_grad_(vision_trains(v))
+    for p in model.parameters():
+        p.grad = None
+    m = StepLiveBytes()
+    with m.rec:
+        loss = model(ids, mask, feats)
+        m.backward_from = len(m.timeline)
+        loss.backward()
+        del loss
+    out = m.split(list(model.parameters()))
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def predicted_peak(graph, values: dict, scopes: tuple[str, ...] = ("decoder", "backward.decoder")) -> dict:
+    """The graph's liveness pass over `scopes` (one pass, build order): peak bytes and the node then."""
+    from costgraph import liveness
+
+    peak = liveness.liveness(graph, scopes)
+    names = {(k.name if hasattr(k, "name") else k): v for k, v in values.items()}
+    return peak.at({k: names[k] for k in peak.args})
