@@ -358,3 +358,15 @@ def predicted_peak(graph, values: dict, scopes: tuple[str, ...] = ("decoder", "b
     peak = liveness.liveness(graph, scopes)
     names = {(k.name if hasattr(k, "name") else k): v for k, v in values.items()}
     return peak.at({k: names[k] for k in peak.args})
+
+
+def lm_memory_rows(req: TrainRequest, model) -> dict:
+    """Measured (CPU) against predicted (the graph's liveness) peak memory of the LM's step."""
+    slots = tokens_for(req.layout, req.mode)["total"]
+    measured = measure_lm_memory(model, req.variants, req.batch, req.text_tokens, slots, req.seed)
+    values = _values(req.mode, req.layout, req.text_tokens, req.batch,
+                     torch.tensor([], dtype=model.lm_head.weight.dtype).element_size())
+    predicted = predicted_peak(train_graph(req), values)
+    return {"measured": measured, "predicted": predicted,
+            "ratio": measured["peak_bytes"] / predicted["bytes"] if predicted["bytes"] else None,
+            "activations_ratio": measured["activations_peak_bytes"] / predicted["bytes"] if predicted["bytes"] else None}

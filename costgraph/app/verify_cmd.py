@@ -19,6 +19,7 @@ from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MO
 from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from costgraph.graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
 from costgraph.graphs.pages import PageWarning, page_size
+from . import verify_train_cmd
 from .args import max_num_arg, model_arg
 from .models import get_model
 from .text import METRIC_GROUPS, UserError, parse_metrics, parse_size
@@ -46,6 +47,7 @@ def add_parser(sub) -> None:
     q.add_argument("--scope", default="vision", help="what to verify: vision, decoder.prefill, decoder.decode, "
                    "decoder, e2e (default: %(default)s)")
     _add_lm_arguments(q)
+    verify_train_cmd.add_arguments(q)   # --phase train and its settings
     _add_metric_arguments(q)
     max_num_arg(q)
     q.add_argument("--json", action="store_true", help="JSON on stdout")
@@ -146,6 +148,9 @@ def cmd_verify(args) -> int:
     from costgraph.verify.runner import VERIFIERS, peak_rss_mib
     from costgraph.verify import lm_profile
 
+    if getattr(args, "phase", "inference") == "train":
+        return verify_train_cmd.run(args)
+    verify_train_cmd.refuse_settings(args)
     if getattr(args, "model", "deepseek-ocr") == "vit":
         return _verify_vit(args)
 

@@ -1,0 +1,125 @@
+"""`costgraph verify --phase train`: a fine-tuning step of the graph against the training reference
+(`costgraph.verify.training`): forward and backward FLOPs node by node, per scope, PASS/FAIL exactly;
+the peak memory of the language model's step predicted vs measured (a ratio); trainable parameters.
+
+Scopes: `vision` (the vision encoder on meta: forward, and backward when it trains), `decoder` (the
+full-size language model on CPU: forward, loss, backward; then the memory run), `train` (both).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from costgraph.graphs.deepseek_ocr import MODEL
+from costgraph.graphs.deepseek_ocr.config import get_mode
+from costgraph.graphs.deepseek_ocr.decoder import TRAIN
+from costgraph.graphs.deepseek_ocr.layout import layout_for, layout_for_grid
+from costgraph.render import table
+from .text import UserError
+
+TRAIN_SCOPES = ("vision", "decoder", "train")
+EXIT_MISMATCH = 1
+
+
+def add_arguments(q) -> None:
+    q.add_argument("--phase", choices=["inference", "train"], default="inference",
+                   help="train: a fine-tuning step (forward, loss, backward) against the training reference")
+    q.add_argument("--train", choices=list(TRAIN), default=None, help="--phase train: what trains (default lm)")
+    q.add_argument("--lora-rank", type=int, default=None, help="--train lora: rank (default 16)")
+    q.add_argument("--lora-alpha", type=int, default=None, help="--train lora: alpha (default 16)")
+    q.add_argument("--lora-targets", default=None, help="--train lora: comma list of q,k,v,o,gate,up,down")
+    q.add_argument("--batch", type=int, default=1, help="--phase train: pages per micro-batch (default 1)")
+
+
+def _variants(args):
+    options = {"phase": "train", "attention": args.attention, "rope": args.rope}
+    for name in ("train", "lora_rank", "lora_alpha", "lora_targets"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.lm_head != "all":
+        raise UserError("a training step computes the logits of every position (--lm-head all)")
+    try:
+        return MODEL.variants(**options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _layout(args, mode):
+    if args.image:
+        from costgraph.graphs.deepseek_ocr import assembly
+        return assembly.layout_for_image(args.image, mode, args.max_num)
+    if args.grid:
+        return layout_for_grid(*args.grid, mode)
+    return layout_for(*args.size, mode, max_num=args.max_num)
+
+
+def check(args) -> None:
+    """Bad requests, refused before anything runs."""
+    if getattr(args, "model", "deepseek-ocr") != "deepseek-ocr":
+        raise UserError("--phase train verifies deepseek-ocr")
+    if args.all_grids or args.symbolic:
+        raise UserError("--phase train verifies one page: give --image, --size or --grid")
+    if args.scope not in TRAIN_SCOPES:
+        raise UserError(f"unknown scope {args.scope!r} for --phase train (choose from {', '.join(TRAIN_SCOPES)})")
+    if args.scope in ("vision", "train") and args.device != "meta":
+        raise UserError("the vision training step is counted on meta (--device meta); the decoder always runs on CPU")
+    if args.batch < 1 or args.text_tokens < 0:
+        raise UserError("--batch must be >= 1 and --text-tokens >= 0")
+    if args.train != "lora" and any(getattr(args, k) is not None for k in ("lora_rank", "lora_alpha", "lora_targets")):
+        raise UserError("--lora-rank, --lora-alpha and --lora-targets apply to --train lora")
+
+
+def refuse_settings(args) -> None:
+    """Training settings given to an inference verification: one clear line."""
+    given = [k for k in ("train", "lora_rank", "lora_alpha", "lora_targets") if getattr(args, k, None) is not None]
+    if given or getattr(args, "batch", 1) != 1:
+        name = given[0] if given else "batch"
+        raise UserError(f"--{name.replace('_', '-')} applies to --phase train")
+
+
+def run(args) -> int:
+    from costgraph.verify import report, training as T
+    from costgraph.verify.train_reference import apply_setting, build_training_lm
+
+    check(args)
+    variants = _variants(args)
+    mode = get_mode(args.mode or "gundam")
+    if mode.crop_mode is False:
+        raise UserError("--phase train: the training graph is built for crop mode (gundam, gundam-m) only for now")
+    layout = _layout(args, mode)
+    req = T.TrainRequest(mode, layout, variants, text_tokens=args.text_tokens, batch=args.batch)
+    t = time.perf_counter()
+    comps, memory = [], None
+    if args.scope in ("vision", "train"):
+        comps.append(T.verify_vision(req))
+    if args.scope in ("decoder", "train"):
+        model = build_training_lm(rope=variants.rope)
+        apply_setting(model, variants)
+        comps.append(T.verify_decoder(req, model))
+        memory = T.lm_memory_rows(req, model)
+        del model
+    seconds = time.perf_counter() - t
+    ok = all(c.ok for c in comps)
+    if args.json:
+        print(json.dumps(report.to_json(comps, {"run": {"seconds": round(seconds, 1), "phase": "train",
+                                                        "scope": args.scope}, "peak_memory": memory}), indent=1))
+    else:
+        print(report.text(comps, footer=f"run time {seconds:.1f} s"))
+        if memory is not None:
+            print(memory_text(memory))
+    return 0 if ok else EXIT_MISMATCH
+
+
+def memory_text(memory: dict) -> str:
+    m, p = memory["measured"], memory["predicted"]
+    rows = [["live op outputs (activations + gradients made so far)", f"{m['peak_bytes']:,}", m["peak_in"]],
+            ["activations only (parameter gradients left out)", f"{m['activations_peak_bytes']:,}",
+             m["activations_peak_in"]],
+            ["parameter gradients at the end", f"{m['gradient_bytes']:,}", ""],
+            ["graph liveness (decoder + backward.decoder)", f"{p['bytes']:,}", p["node"]]]
+    lines = ["peak memory of the language model's step (CPU run; weights and inputs not counted):",
+             table(rows, ["", "bytes", "where"]),
+             f"measured / predicted: {memory['ratio']:.3f} (live op outputs), "
+             f"{memory['activations_ratio']:.3f} (activations only); reported, not pass/fail"]
+    return "\n".join(lines)
