@@ -152,9 +152,17 @@ def _values(mode: Mode, layout: Layout, text_tokens: int, batch: int, dtype_byte
             S.batch: batch, S.dtype_bytes: dtype_bytes}
 
 
+_VALUES: dict = {}
+
+
 def _value(expr, values: dict) -> int:
+    """An expression at one point (structural replacement: the sizes are numbers; memoised, since
+    every layer repeats its nodes' expressions)."""
     import sympy as sp
-    return int(sp.sympify(expr).subs(values))
+    key = (expr, tuple(sorted((str(k), v) for k, v in values.items())))
+    if key not in _VALUES:
+        _VALUES[key] = int(sp.sympify(expr).xreplace({k: sp.Integer(v) for k, v in values.items()}))
+    return _VALUES[key]
 
 
 def compare_flops(graph, values: dict, step: Step, scopes: tuple[str, ...], claims_of) -> tuple[list[Row], list]:
