@@ -252,7 +252,8 @@ def verify_decoder(req: TrainRequest, model=None) -> Comparison:
     rows, unclaimed = compare_flops(graph, values, step, scopes, _lm_claims)
     subtotals = scope_rows(graph, values, step, scopes)
     info.update(trainable_parameters=trainable_parameters(model), variants=req.variants.as_dict(),
-                seeds=[f"{o.section}:{o.op}" for o in step.flops if o.where.kind == SEED])
+                seeds=[f"{o.section}:{o.op}" for o in step.flops if o.where.kind == SEED],
+                per_module=per_module_rows(step))
     title = f"train {req.variants.train} decoder: {req.mode.name} B={req.batch} L={info['tokens_per_sequence']}"
     return Comparison(title, rows, subtotals, unclaimed, blind(step), info)
 
@@ -270,12 +271,18 @@ def verify_vision(req: TrainRequest, views=None) -> Comparison:
     rows, unclaimed = compare_flops(graph, values, step, scopes, _vision_claims)
     subtotals = scope_rows(graph, values, step, ("vision", "backward.vision") + scopes)
     info = {"device": "meta", "seconds": round(time.perf_counter() - t, 3), "pages": req.batch,
-            "variants": req.variants.as_dict()}
+            "variants": req.variants.as_dict(), "per_module": per_module_rows(step)}
     title = f"train {req.variants.train} vision: {req.mode.name} {req.layout.width}x{req.layout.height}"
     return Comparison(title, rows, subtotals, unclaimed, blind(step), info)
 
 
 # ---- per module, per aten op: what the reference ran ---------------------------------------------------
+
+def per_module_rows(step: Step) -> list[list]:
+    """`module_table` as rows [section, module, aten op, calls, FLOPs], ops with FLOPs only (JSON)."""
+    return [[sec, mod, op, v["calls"], v["flops"]] for (sec, mod, op), v in sorted(module_table(step).items())
+            if v["flops"]]
+
 
 def module_table(step: Step) -> dict[tuple[str, str, str], dict[str, int]]:
     """(section, module, aten op) -> FLOPs, forward and backward sections apart (a backward op under

@@ -106,6 +106,9 @@ def run(args) -> int:
                                                         "scope": args.scope}, "peak_memory": memory}), indent=1))
     else:
         print(report.text(comps, footer=f"run time {seconds:.1f} s"))
+        for c in comps:
+            if "trainable_parameters" in c.info:
+                print(f"trainable parameters of the reference ({variants.train}): {c.info['trainable_parameters']:,}")
         if memory is not None:
             print(memory_text(memory))
     return 0 if ok else EXIT_MISMATCH
