@@ -182,10 +182,16 @@ def plan(graph, scope) -> Plan:
     return p
 
 
-def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
+def liveness(graph, scope, keep_timeline: bool = False, samples: dict | None = None) -> Peak:
     """Peak activation bytes of one execution of `scope` (times its batch multiplicity), as expressions;
     a tuple of scopes: one pass over all of their nodes in build order (a training step: forward,
-    backward, optimizer), every multiplicity inside."""
+    backward, optimizer), every multiplicity inside.
+
+    The candidates kept are those no other dominates (a difference that is a non-negative polynomial).
+    `samples` (symbol name -> array of values, the model's domain): keep instead the candidates that
+    are the maximum at one of those points at least. A training step has thousands of mutually
+    undominated live totals; on the sampled domain a handful win, and the Max of those equals the
+    peak at every sampled point (between samples it is the winners' max, not a proof)."""
     p = plan(graph, scope)
     order, size, frees, replaced = p.order, p.size, p.frees, p.replaced
     # The live total is kept as a table of terms (monomial -> coefficient), updated as tensors are
@@ -220,7 +226,10 @@ def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
         if i in replaced:
             live[f"released:{n}"] = _terms(-replaced[i])
             change(live[f"released:{n}"], 1)
-    kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
+    if samples is not None:
+        kept = _winners([(t, None, n) for t, n in seen.values()], samples)
+    else:
+        kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
     cands = [(_expr(t), n) for t, _, n in kept] or [(sp.Integer(0), order[-1] if order else "")]
     return Peak("+".join(scope) if isinstance(scope, tuple) else scope, p.factor, cands, len(order), timeline)
 
@@ -257,6 +266,24 @@ def peak_at(graph, scope, values: dict) -> dict:
         return {"bytes": 0, "node": p.order[-1] if p.order else ""}
     at = max(p.recorded, key=lambda i: live[i])
     return {"bytes": int(val[p.factor] * live[at]), "node": p.order[at]}
+
+
+def _winners(cands: list[tuple[dict, object, str]], samples: dict) -> list[tuple[dict, object, str]]:
+    """The candidates (term tables) that are the largest at one sample point at least: every monomial
+    evaluated once over the samples, each candidate a dot product of its coefficients with them."""
+    monomials = list(dict.fromkeys(m for t, _, _ in cands for m in t))
+    if not monomials:
+        return cands[:1]
+    n = len(next(iter(samples.values())))
+    values = np.empty((len(monomials), n))
+    for i, m in enumerate(monomials):
+        syms = sorted(m.free_symbols, key=lambda s: s.name)
+        fn = sp.lambdify(syms, m, modules="numpy")
+        values[i] = np.broadcast_to(np.asarray(fn(*[np.asarray(samples[s.name], dtype=float) for s in syms]),
+                                               dtype=float), (n,))
+    coeffs = np.array([[float(t.get(m, 0)) for m in monomials] for t, _, _ in cands])
+    win = set(np.argmax(coeffs @ values, axis=0).tolist())
+    return [c for i, c in enumerate(cands) if i in win]
 
 
 def _input_bytes(data: dict) -> sp.Expr:

@@ -123,7 +123,7 @@ class Model:
         """The assumptions (costgraph.forms rules) that turn a total into a polynomial, in order."""
         return ()
 
-    def metric_note(self, metric: str) -> str:
+    def metric_note(self, metric: str, variants=None) -> str:
         return ""
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -182,6 +182,12 @@ class Model:
         return [point.label]
 
     # ---- parameters and memory --------------------------------------------------------------
+    def peak_samples(self, mode, variants) -> dict | None:
+        """Points of the model's domain (symbol name -> array) on which a peak's closed form keeps the
+        candidates that win somewhere (`costgraph.liveness.liveness`'s `samples`); None: keep every
+        undominated one (exact, and fine when they are few)."""
+        return None
+
     def kv_cache_bytes(self, context) -> sp.Expr:
         raise NotImplementedError(f"{self.name} has no KV cache")
 
@@ -194,5 +200,7 @@ class Model:
         return []
 
     published: Mapping[str, float] = {}
+    # fine-tuning recipes for `costgraph recipes`: (label, variant options of a training step)
+    recipes: tuple[tuple[str, Mapping[str, Any]], ...] = ()
 
 

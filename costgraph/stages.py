@@ -28,7 +28,8 @@ from .maxima import over_max
 from .render import human, table
 
 # `formula --metric` beyond the Cost fields
-DERIVED = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes", "kv_cache_bytes")
+DERIVED = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes", "kv_cache_bytes",
+           "peak_memory_bytes")
 
 
 def graph(model, mode, variants=None):
@@ -126,7 +127,8 @@ def stage_peak(model, mode, stage: str, variants=None) -> LV.Peak:
     g = graph(model, mode, variants)
     key = (id(g), stage)
     if key not in _PEAKS:
-        _PEAKS[key] = (g, LV.liveness(g, _stage_target(model, g, stage)))
+        _PEAKS[key] = (g, LV.liveness(g, _stage_target(model, g, stage),
+                                      samples=model.peak_samples(mode, variants)))
     return _PEAKS[key][1]
 
 
@@ -414,6 +416,13 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
         return sub({"params": t.params, "weight_bytes": t.weight_bytes, "active_params": t.active}[metric])
     if metric == "peak_activation_bytes":
         return sub(peak_formula(model, mode, scope, variants))
+    if metric == "peak_memory_bytes":
+        g = graph(model, mode, variants)
+        if not autodiff.trained_nodes(g):
+            raise ValueError("peak_memory_bytes is a training metric (--phase train): weights, gradients, optimizer "
+                             "state, master copies and the step's activation peak")
+        static = sp.Add(*autodiff.static_memory(g).values())
+        return sub(sp.expand(static) + peak_formula(model, mode, scope, variants))
     if metric == "kv_cache_bytes":
         lm = model.lm_scope
         if not model.generates or not (scope.startswith(lm) or scope in model.composites):

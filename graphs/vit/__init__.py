@@ -82,7 +82,7 @@ class ViT(Model):
     def form_rules(self, mode):
         return (forms.AlignedRule((S.image_size,), S.patch_size, DEFAULT.patch_size, None, self.latex_names),)
 
-    def metric_note(self, metric):
+    def metric_note(self, metric, variants=None):
         return {"flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only."}.get(metric, "") \
             + " One image of side image_size in (image_size // patch_size)^2 + 1 tokens."
 
