@@ -344,7 +344,18 @@ def text_sections(model, out: dict) -> list[str]:
         lines.append("")
         rows = [[s, f"{v['bytes']:,}", human(v["bytes"]), str(v.get("node") or "-")] for s, v in a["peak"].items()]
         lines.append(table(rows, ["stage", "peak activation bytes", "approx", "at node"]))
-    kv = out.get("kv_cache")
+    t = out.get("training_memory")
+    if t:
+        lines.append("")
+        parts = [("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
+                 ("optimizer state", "optimizer_state_bytes"), ("fp32 master copies", "master_weights_bytes"),
+                 ("activations at the peak", "peak_activation_bytes")]
+        rows = [[name, f"{t[k]:,}", human(t[k])] for name, k in parts]
+        rows.append(["peak total", f"{t['peak_total_bytes']:,}", human(t["peak_total_bytes"])])
+        lines.append(f"training memory: {t['trainable_params']:,} trainable parameters; activation peak at "
+                     f"{t['peak_at']}")
+        lines.append(table(rows, ["part", "bytes", "approx"]))
+    kv = out.get("kv_cache") if not t else None
     if kv:
         lines.append("")
         lines.append(f"KV cache: {kv['per_token_bytes']:,} bytes per token; {kv['after_prefill_bytes']:,} after the "

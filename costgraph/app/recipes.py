@@ -38,7 +38,7 @@ def rows(model, mode, args, hardware) -> list[dict]:
 
 def render(rs: list[dict], markdown: bool) -> str:
     hw = list(rs[0]["seconds_per_1000_pages"]) if rs else []
-    header = (["recipe", "trainable", "TFLOPs/page", "peak GiB"] + [f"{g} GB" for g in MEMORY_SIZES_GIB]
+    header = (["recipe", "trainable", "TFLOPs/page", "peak GiB"] + [f"fits {g} GiB" for g in MEMORY_SIZES_GIB]
               + [f"{h} s/1k pages" for h in hw])
     body = [[r["recipe"], f"{r['trainable_params']:,}", f"{r['train_flops_per_page'] / 1e12:,.2f}",
              f"{r['peak_total_bytes'] / 2 ** 30:,.2f}"]
@@ -67,7 +67,7 @@ def cmd_recipes(args) -> int:
                           "recipes": rs}, indent=1))
         return 0
     print(render(rs, args.markdown))
-    print(f"# {mode.name}: {point.label}; {args.dtype}; batch {rs[0]['batch']}; "
+    print(("\n" if args.markdown else "# ") + f"{mode.name}: {point.label}; {args.dtype}; batch {rs[0]['batch']}; "
           f"peak = weights + gradients + optimizer state + master copies + activation peak; "
           f"time: roofline of the whole step / batch")
     return 0
