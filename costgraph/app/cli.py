@@ -203,6 +203,9 @@ def cmd_explore(args) -> int:
     variants_of(model, args)  # refuses an option the model does not have
     chosen = {o.name: getattr(args, o.name) for o in model.variant_options if getattr(args, o.name, None) is not None}
     out = args.out or f"costgraph-explorer-{model.name}.html"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):   # before the seconds of building the page, not after
+        raise UserError(f"output folder does not exist: {folder}")
     with tqdm(desc="explore", unit=" step", disable=None, file=sys.stderr) as bar:
         def progress(what):
             bar.set_postfix_str(what[:60])

@@ -35,6 +35,7 @@ from costgraph import roofline as RL
 from costgraph.cost import METRICS
 from costgraph.dtypes import STORAGE
 from costgraph.hardware import PRESETS
+from costgraph.symbols import dtype_bytes
 from .jscode import RUNTIME, JSPrinter
 from .pyjs import NP_RUNTIME, translate
 
@@ -149,7 +150,11 @@ def closed_forms(model, variants, progress=None) -> tuple[dict, list[str]]:
             progress(f"closed forms {mode_name}")
         for scope in model.scopes(mode):
             for metric in METRICS:
+                first = None
                 for dtype in STORAGE:
+                    if first is not None and not model.formula(mode, scope, metric, variants).has(dtype_bytes):
+                        out[f"{mode_name}|{scope}|{metric}|{dtype}"] = first   # no element size in it
+                        continue
                     try:
                         f = forms.build(model, "simplified", mode_name, scope, metric, None, variants, dtype)
                     except (ValueError, NotImplementedError):
@@ -160,7 +165,7 @@ def closed_forms(model, variants, progress=None) -> tuple[dict, list[str]]:
                     for case, value in f.otherwise:
                         parts.append(f"<p>{case}:</p>{_mathml(value)}")
                     text = f'<p class="form-kind">{f.kind} form</p>' + "".join(parts)
-                    out[f"{mode_name}|{scope}|{metric}|{dtype}"] = texts.setdefault(text, len(texts))
+                    out[f"{mode_name}|{scope}|{metric}|{dtype}"] = first = texts.setdefault(text, len(texts))
     return out, list(texts)
 
 
