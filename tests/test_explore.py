@@ -194,9 +194,9 @@ def test_page_numbers_equal_the_cli(browser, deepseek_page, tmp_path):
                         pytest.approx(rec["per_token_mean_seconds"], rel=1e-12)
     print(f"{len(sets)} input sets, {checked} totals equal; the browser took {browser_seconds:.2f} s for all")
     shot = os.environ.get("COSTGRAPH_SCREENSHOT") or str(tmp_path / "explorer.png")
-    browser.execute_script("window.explorer.set(arguments[0])", sets[0][0] | {"mode": "gundam", "width": 1654,
-                                                                            "height": 2339, "max_num": 9,
-                                                                            "text_tokens": 10, "output_tokens": 1000})
+    browser.execute_script("window.explorer.set(arguments[0])", sets[0][0] | {
+        "mode": "gundam", "width": 1654, "height": 2339, "max_num": 9, "text_tokens": 10, "output_tokens": 1000,
+        "dtype": "bf16", "hardware": "h200"})
     assert browser.save_screenshot(shot) and os.path.getsize(shot) > 10_000
 
 
