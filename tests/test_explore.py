@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +107,6 @@ def input_sets():
     native mode at several aspects, every variant option's choices, both dtypes, roofline presets."""
     model = get_model()
     opts = model.variant_options
-    combos = explore.combos(model)
     rng = random.Random(14)
     sets = []
 
@@ -131,13 +131,12 @@ def input_sets():
     for mode in ("tiny", "small", "base", "large"):
         for w, h in ((1654, 2339), (3000, 400), (300, 300)):
             add(mode, w, h, dtype=rng.choice(["bf16", "fp32"]))
-    for k, options in enumerate(combos[1:6]):        # every choice of every option, a few combinations
-        add(("gundam", "base")[k % 2], 1654, 2339, variants=options)
-    for o in opts:
-        for c in o.choices:
-            options = {p.name: p.default for p in opts} | {o.name: c}
-            if options not in combos[:6]:
-                add("gundam", 1200, 1700, variants=options)
+    # every choice of every variant option, in as few combinations as cover them (each costs the CLI seconds)
+    width = max(len(o.choices) for o in opts)
+    for k in range(1, width):
+        options = {o.name: o.choices[k % len(o.choices)] for o in opts}
+        add("gundam", 1200, 1700, variants=options, out=rng.choice([1, 500]))
+        add("base", 1654, 2339, variants=options, dtype="fp32")
     add("gundam", 1654, 2339, out=200, hardware="h200")
     add("base", 2000, 1000, out=50, hardware="a100-40gb", dtype="fp32")
     add("gundam-m", 2500, 900, out=3, hardware="l4")
@@ -258,6 +257,33 @@ def test_page_layout_rule_equals_python(browser, deepseek_page):
     assert compared > 50_000
 
 
+def test_page_tree_and_file_picker(browser, deepseek_page):
+    """A scope opened in the tree lists its nodes with their cost over the run (as `api.nodes` gives them);
+    an image picked in the file control sets the page size the loader reads."""
+    from costgraph.app import api
+    from costgraph.graphs.pages import page_size
+
+    _open(browser, deepseek_page)
+    image = str(Path(__file__).resolve().parent.parent / "graphs" / "samples" / "a4_page.png")
+    browser.find_element("id", "file").send_keys(image)
+    t = time.monotonic()
+    while time.monotonic() - t < 10:
+        size = browser.execute_script("return [document.getElementById('width').value, "
+                                      "document.getElementById('height').value]")
+        if [int(x) for x in size] == list(page_size(image)):
+            break
+        time.sleep(0.05)
+    assert [int(x) for x in size] == list(page_size(image))
+    shown = browser.execute_script(
+        "document.querySelector('details[data-scope=\"vision.crops\"]').open = true;"
+        "return new Promise((done) => setTimeout(() => done(window.explorer.shown().values), 50));")
+    nodes = api.nodes("gundam", "vision.crops", size=page_size(image))
+    listed = [(name, flops) for name, _kind, flops in nodes if f"node.{name}.flops" in shown]
+    assert len(listed) == len(nodes) > 100, "the opened scope lists its nodes"
+    for name, flops in listed:
+        assert int(shown[f"node.{name}.flops"]) == flops, name
+
+
 def test_vit_page(browser, tmp_path_factory):
     """A model without crops or a language model: no grid controls; its numbers equal the CLI's."""
     page = _page(tmp_path_factory, "vit")
@@ -290,3 +316,56 @@ def test_explore_command_writes_one_offline_file(tmp_path):
     assert "src=\"http" not in text and "href=\"http" not in text and "import(" not in text
     assert "/*COSTGRAPH-DATA*/" not in text
     assert not (tmp_path / "x.html").exists()
+
+
+# ---- without a browser: the translator and the printer refuse what they cannot do -----------------
+
+def _loop_kernel(w):
+    while w > 1:
+        w = w // 2
+    return w
+
+
+def _comprehension_kernel(w):
+    return [x for x in w]
+
+
+def test_translator_refuses_what_it_cannot_translate():
+    from costgraph.app.pyjs import Untranslatable, translate
+
+    for fn in (_loop_kernel, _comprehension_kernel):
+        with pytest.raises(Untranslatable, match=fn.__name__):
+            translate(fn)
+    js = translate(L.page_point)   # the kernels it calls and the constants they read come along
+    for name in ("function page_point", "function closest_grids", "function grid_choice", "function valid_counts",
+                 "function padded_sizes", "function unpadded_share", f"const NO_CROP_THRESHOLD = {L.NO_CROP_THRESHOLD}"):
+        assert name in js
+
+
+def test_printer_is_exact_or_refuses():
+    import sympy as sp
+
+    from costgraph.app.jscode import JSPrinter
+
+    x = sp.Symbol("w_crop", integer=True, positive=True)
+    code = JSPrinter().code(2 ** 60 * x + 3)            # past 2^53: digits kept, BigInt literals
+    assert "1152921504606846976n" in code and "v.w_crop" in code
+    assert "ediv" in JSPrinter().code(x * (x + 1) / 2)   # an exact division, checked at run time
+    with pytest.raises(NotImplementedError, match="sin"):
+        JSPrinter().code(sp.sin(x))
+
+
+def test_page_point_composes_the_kernels_as_python_does():
+    """page_point (the page's entry to the layout rule) against layouts_for, valid_tokens_for, padded_sizes."""
+    widths, heights = _layout_cases()
+    for name, mode in MODES.items():
+        ok = [k for k, (w, h) in enumerate(zip(widths, heights)) if not L.pads(mode) or
+              min(L.padded_size(w, h, mode.base_size)) > 0]
+        w, h = np.array(widths)[ok], np.array(heights)[ok]
+        got = L.page_point(w, h, L.page_data(mode), L.candidate_grids(L.MIN_CROPS, 9))
+        lay = L.layouts_for(w, h, mode)
+        valid = L.valid_tokens_for(w, h, lay.num_crops, mode)
+        assert not got["too_elongated"].any()
+        for key, want in (("w_crop", lay.w_crop), ("h_crop", lay.h_crop), ("num_crops", lay.num_crops),
+                          ("valid_tokens", valid.vendor), ("valid_tokens_paper_ceil", valid.paper_ceil)):
+            assert np.array_equal(got[key], want), (name, key)
