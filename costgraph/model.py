@@ -64,7 +64,7 @@ class PageRule:
     kernel: Callable | None
     data: Mapping[str, dict]
     exprs: Mapping[str, Mapping[str, sp.Expr]]
-    grids: Mapping[int, list] = None
+    grids: Mapping[int, list] | None = None
     max_num: tuple[int, int, int] | None = None
 
 
