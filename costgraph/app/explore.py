@@ -76,6 +76,8 @@ def combo_key(options: dict) -> str:
 
 
 class _Builder:
+    """The page's graphs as shared tables: nodes, rows (a node with its cost expressions), expressions."""
+
     def __init__(self, model, progress=None):
         self.model = model
         self.exact, self.floats = ExprTable(True), ExprTable(False)
@@ -115,7 +117,7 @@ class _Builder:
         for name, sc in g.scopes.items():
             if sc.sum_over is not None:
                 idx, lo, hi = sc.sum_over
-                out[name] = [idx.name, self.floats.add(lo) if lo != 0 else -1, self.floats.add(hi)]
+                out[name] = [idx.name, self.floats.add(lo), self.floats.add(hi)]   # -1: a literal 0
         return out
 
     def _row(self, g, n) -> int:
