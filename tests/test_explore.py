@@ -76,7 +76,12 @@ def deepseek_page(tmp_path_factory):
 
 def _open(browser, path):
     browser.get(path.as_uri())
-    state = browser.execute_script("return window.explorer && window.explorer.shown().state")
+    t = time.monotonic()
+    while True:   # the page's script has run (a loaded machine may take a while to parse a megabyte of it)
+        state = browser.execute_script("return window.explorer ? window.explorer.shown().state : null")
+        if state is not None or time.monotonic() - t > 30:
+            break
+        time.sleep(0.1)
     assert state == "ok", browser.execute_script("return document.getElementById('error').textContent")
 
 
