@@ -8,10 +8,12 @@ model), `assembly.py` (global + crop branches, token assembly, the whole graph),
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from costgraph import forms
-from costgraph.model import Model, Point, VariantOption
+from costgraph.model import Model, PageRule, Point, VariantOption
 from . import assembly, decoder, layout as L, training
 from . import symbols as S
 from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES, VISION
@@ -64,6 +66,12 @@ class DeepSeekOCR(Model):
                ("full", {"train": "full"}))
 
     # ---- modes and variants -----------------------------------------------------------------
+    def variant_sets(self):
+        """The inference variants (every combination of attention, lm_head, rope); the training phase's
+        settings are the CLI's (`--phase train`, `costgraph recipes`)."""
+        opts = [o for o in self.variant_options if o.name in ("attention", "lm_head", "rope")]
+        return [dict(zip([o.name for o in opts], c)) for c in itertools.product(*[o.choices for o in opts])]
+
     def variants(self, **options):
         if options.get("phase", "inference") != "train":
             given = [k for k in decoder.TRAINING_FIELDS if k in options]
@@ -167,6 +175,21 @@ class DeepSeekOCR(Model):
             label = f"what-if grid {r['w_crop']}x{r['h_crop']} ({note}), {r['num_crops']} crops, " \
                     f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)"
         return Point(values, rec, label, note)
+
+    def page_rule(self) -> PageRule:
+        """The layout rule's kernels (layout.page_point) with each mode's data, the candidate grids per
+        --max-num, and the token counts and sequence lengths as expressions in the grid and the sequence."""
+        exprs = {}
+        for name, mode in MODES.items():
+            tokens = L.image_tokens(mode)
+            prompt = 1 + S.text_tokens + tokens["total"]
+            exprs[name] = {**{f"tokens.{k}": v for k, v in tokens.items()}, "image_tokens": tokens["total"],
+                           "paper_tokens": tokens["paper"], "prompt_tokens": prompt,
+                           "decode_forwards": S.output_tokens - 1, "final_context": prompt + S.output_tokens - 1,
+                           "positions": prompt + S.output_tokens - 1}
+        return PageRule(L.page_point, {name: L.page_data(m) for name, m in MODES.items()}, exprs,
+                        {n: L.candidate_grids(L.MIN_CROPS, n) for n in range(L.MIN_CROPS, L.MAX_NUM_LIMIT + 1)},
+                        (L.MIN_CROPS, L.MAX_NUM_LIMIT, MAX_CROPS))
 
     def summary_columns(self, layout: dict) -> dict:
         """A layout record's columns for a table of pages."""
