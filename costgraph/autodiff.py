@@ -61,8 +61,8 @@ def mirror_scopes(g: CostGraph, scopes: tuple[str, ...], prefix: str, doc: str) 
 
 def _place(g: CostGraph, node: str, scopes: Mapping[str, str]) -> tuple[str, str]:
     """(scope, path) of a node derived from a forward node: under the scope mapped from its forward
-    scope's longest mapped prefix, at the rest of its name (`vision.crops.sam.x` with `vision` ->
-    `backward.vision` is `backward.vision` + `crops.sam.x`)."""
+    scope's longest mapped prefix, at the rest of its name (`enc.views.x` with `enc` -> `backward.enc`
+    is `backward.enc` + `views.x`)."""
     scope = g.g.nodes[node]["scope"]
     best = None
     for fwd in scopes:
@@ -200,6 +200,32 @@ def add_optimizer(g: CostGraph, scope: str, trained: tuple[str, ...], optimizer:
     return out
 
 
-def trained_weights(g: CostGraph, trained: tuple[str, ...]) -> P.ParamTotals:
+def trained_weights(g: CostGraph, trained) -> P.ParamTotals:
     """Trained parameters, each module once (a module in two scopes trains once)."""
     return P._total(P.by_module(g, trained, executed_only=False).values())
+
+
+def trained_nodes(g: CostGraph) -> list[str]:
+    """The forward nodes whose parameters the optimizer updates (one `optimizer_step` each)."""
+    return [g.g.nodes[n]["attrs"]["of"] for n in g.nodes() if g.g.nodes[n]["kind"] == "optimizer_step"]
+
+
+def static_memory(g: CostGraph) -> dict[str, sp.Expr]:
+    """The memory a training step holds besides its activations, as expressions:
+    - weights: every parameter resident (frozen ones included) at its element size;
+    - gradients: one per trained parameter, at the parameter's element size;
+    - optimizer_state: per trained parameter, the optimizer's state bytes;
+    - master_weights: the fp32 copy of each trained parameter stored narrower than fp32 (mixed precision).
+    The gradients are counted whole: they accumulate during the backward and are all alive at the
+    optimizer step (the activation peak comes earlier, so the sum is an upper bound of the true peak
+    by at most the gradients not yet written then)."""
+    steps = [g.g.nodes[n] for n in g.nodes() if g.g.nodes[n]["kind"] == "optimizer_step"]
+    names = {d["attrs"]["optimizer"] for d in steps}
+    opt = OPTIMIZERS[names.pop()] if names else None
+    trained = P.by_module(g, trained_nodes(g), executed_only=False).values()
+    resident = P.resident(g)
+    grads = sp.Add(*[w.nbytes for w in trained])
+    state = sp.Add(*[w.count for w in trained]) * (opt.state_bytes if opt else 0)
+    master = sp.Add(*[w.count * master_bytes(w.itemsize) for w in trained])
+    return {"weights": sp.expand(resident.weight_bytes), "gradients": sp.expand(grads),
+            "optimizer_state": sp.expand(state), "master_weights": sp.expand(master)}

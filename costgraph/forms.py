@@ -470,7 +470,7 @@ def build(model, kind: str, mode_name: str | None, scope: str, metric: str, grid
 @lru_cache(maxsize=None)
 def _build(model, kind, mode, scope, metric, grid_multiple, variants, dtype) -> Form:
     expr = stages.metric_expr(model, mode, scope, metric, variants)
-    notes = tuple(n for n in (model.metric_note(metric),) if n)
+    notes = tuple(n for n in (model.metric_note(metric, variants),) if n)
     if expr.has(S.dtype_bytes):
         b = storage_values(dtype)
         expr = over_max(expr, lambda e: e.subs(b))

@@ -112,10 +112,25 @@ def _batch(graph, node: str, scope) -> sp.Expr:
     return k
 
 
-def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
-    """Peak activation bytes of one execution of `scope` (times its batch multiplicity); a tuple of
-    scopes: one pass over all of their nodes in build order (a training step: forward, backward,
-    optimizer), every multiplicity inside."""
+@dataclass(frozen=True)
+class Plan:
+    """The structural part of a liveness pass: what is allocated, freed and released at each step."""
+    order: list
+    size: dict            # owning node -> its bytes (an expression)
+    frees: dict           # step -> owning nodes freed after it
+    replaced: dict        # step -> input bytes released after it (a cache grown by reallocation)
+    recorded: list        # steps at which the live total changes (a candidate for the peak)
+    factor: sp.Expr
+
+
+_PLANS: dict = {}
+
+
+def plan(graph, scope) -> Plan:
+    """The liveness plan of a scope (cached per graph and scope: graphs are built once)."""
+    key = (id(graph), scope)
+    if key in _PLANS and _PLANS[key][0] is graph:
+        return _PLANS[key][1]
     order = schedule(graph, scope)
     index = {n: i for i, n in enumerate(order)}
     data = graph.g.nodes
@@ -153,10 +168,32 @@ def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
             first = _first_input(graph, n)
             if data[first]["kind"] == "input":
                 replaced[index[n]] = sp.expand(_input_bytes(data[first]) * _batch(graph, first, scope))
-    frees = {}
+    frees: dict[int, list] = {}
     for b, i in last.items():
         if i != END:
             frees.setdefault(int(i), []).append(b)
+    recorded = [i for i, n in enumerate(order) if base[n] == n or i in frees]
+    if isinstance(scope, tuple):
+        factor = sp.Integer(1)
+    else:
+        factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
+    p = Plan(order, size, frees, replaced, recorded, factor)
+    _PLANS[key] = (graph, p)
+    return p
+
+
+def liveness(graph, scope, keep_timeline: bool = False, samples: dict | None = None) -> Peak:
+    """Peak activation bytes of one execution of `scope` (times its batch multiplicity), as expressions;
+    a tuple of scopes: one pass over all of their nodes in build order (a training step: forward,
+    backward, optimizer), every multiplicity inside.
+
+    The candidates kept are those no other dominates (a difference that is a non-negative polynomial).
+    `samples` (symbol name -> array of values, the model's domain): keep instead the candidates that
+    are the maximum at one of those points at least. A training step has thousands of mutually
+    undominated live totals; on the sampled domain a handful win, and the Max of those equals the
+    peak at every sampled point (between samples it is the winners' max, not a proof)."""
+    p = plan(graph, scope)
+    order, size, frees, replaced = p.order, p.size, p.frees, p.replaced
     # The live total is kept as a table of terms (monomial -> coefficient), updated as tensors are
     # born and freed: the same sum sympy's Add would form, without re-flattening every live tensor
     # at every step (minutes on a whole model).
@@ -174,10 +211,10 @@ def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
                 total[m] = v
 
     for i, n in enumerate(order):
-        if base[n] == n:
+        if n in size:
             live[n] = _terms(size[n])
             change(live[n], 1)
-        if base[n] == n or i in frees:
+        if n in size or i in frees:
             key = frozenset(total.items())
             if key not in seen:
                 seen[key] = (dict(total), n)
@@ -189,13 +226,64 @@ def liveness(graph, scope, keep_timeline: bool = False) -> Peak:
         if i in replaced:
             live[f"released:{n}"] = _terms(-replaced[i])
             change(live[f"released:{n}"], 1)
-    if isinstance(scope, tuple):
-        factor = sp.Integer(1)
+    if samples is not None:
+        kept = _winners([(t, None, n) for t, n in seen.values()], samples)
     else:
-        factor = graph.scopes[scope].multiplicity if graph.scopes[scope].sum_over is None else sp.Integer(1)
-    kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
+        kept = _undominated_terms([(t, None, n) for t, n in seen.values()])
     cands = [(_expr(t), n) for t, _, n in kept] or [(sp.Integer(0), order[-1] if order else "")]
-    return Peak("+".join(scope) if isinstance(scope, tuple) else scope, factor, cands, len(order), timeline)
+    return Peak("+".join(scope) if isinstance(scope, tuple) else scope, p.factor, cands, len(order), timeline)
+
+
+_SIZES: dict = {}
+
+
+def peak_at(graph, scope, values: dict) -> dict:
+    """The peak at one input, numerically: the same pass as `liveness` over the sizes evaluated once
+    (`Compiled`: each distinct size expression lambdified once per graph and scope), the live total
+    a cumulative sum. {"bytes", "node"}; `values` by symbol name. No symbolic maximum is formed, so
+    it answers in milliseconds where the closed form of a whole training step takes minutes."""
+    p = plan(graph, scope)
+    key = (id(graph), scope)
+    if key not in _SIZES or _SIZES[key][0] is not graph:
+        exprs = {f"s{i}": e for i, e in enumerate(dict.fromkeys([*p.size.values(), *p.replaced.values(),
+                                                                  p.factor]))}
+        _SIZES[key] = (graph, exprs, {e: k for k, e in exprs.items()}, Compiled(exprs))
+    _, exprs, name_of, compiled = _SIZES[key]
+    got = compiled(**{a.name: values[a.name] for a in compiled.args})
+    val = {e: int(got[k]) for e, k in name_of.items()}
+    steps = len(p.order)
+    alloc = np.zeros(steps, dtype=object)
+    freed = np.zeros(steps, dtype=object)
+    index = {n: i for i, n in enumerate(p.order)}
+    for n, e in p.size.items():
+        alloc[index[n]] += val[e]
+    for i, bs in p.frees.items():
+        freed[i] += sum(val[p.size[b]] for b in bs)
+    for i, e in p.replaced.items():
+        freed[i] += val[e]
+    live = np.cumsum(alloc) - np.concatenate([[0], np.cumsum(freed)[:-1]])
+    if not p.recorded:
+        return {"bytes": 0, "node": p.order[-1] if p.order else ""}
+    at = max(p.recorded, key=lambda i: live[i])
+    return {"bytes": int(val[p.factor] * live[at]), "node": p.order[at]}
+
+
+def _winners(cands: list[tuple[dict, object, str]], samples: dict) -> list[tuple[dict, object, str]]:
+    """The candidates (term tables) that are the largest at one sample point at least: every monomial
+    evaluated once over the samples, each candidate a dot product of its coefficients with them."""
+    monomials = list(dict.fromkeys(m for t, _, _ in cands for m in t))
+    if not monomials:
+        return cands[:1]
+    n = len(next(iter(samples.values())))
+    values = np.empty((len(monomials), n))
+    for i, m in enumerate(monomials):
+        syms = sorted(m.free_symbols, key=lambda s: s.name)
+        fn = sp.lambdify(syms, m, modules="numpy")
+        values[i] = np.broadcast_to(np.asarray(fn(*[np.asarray(samples[s.name], dtype=float) for s in syms]),
+                                               dtype=float), (n,))
+    coeffs = np.array([[float(t.get(m, 0)) for m in monomials] for t, _, _ in cands])
+    win = set(np.argmax(coeffs @ values, axis=0).tolist())
+    return [c for i, c in enumerate(cands) if i in win]
 
 
 def _input_bytes(data: dict) -> sp.Expr:

@@ -18,8 +18,9 @@ Vocabulary:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import sympy as sp
 
@@ -49,6 +50,25 @@ class Point:
     record: dict
     label: str
     what_if: str | None = None
+
+
+@dataclass(frozen=True)
+class PageRule:
+    """How an input's size becomes a point, for a page that computes it in the browser (`costgraph explore`).
+
+    `kernel(width, height, data, grids)`: the model's own rule, written in the elementwise-numpy
+    subset that the app translates to JavaScript (costgraph.app.pyjs); it returns a dict of integers (and
+    booleans): the point symbols' values by name and what the page shows of the input (`too_elongated`:
+    an input the model refuses). None: the size changes nothing (an image resized to the mode's side).
+    `data`: per mode, the plain values the kernel reads; `grids`: per max_num, the candidates it walks.
+    `exprs`: per mode, record fields as expressions in the point symbols and the sequence symbols (token
+    counts, the prompt, the positions a generation needs: `positions`, checked against max_positions).
+    `max_num`: (lowest, highest, default) of a `--max-num` control, or None."""
+    kernel: Callable | None
+    data: Mapping[str, dict]
+    exprs: Mapping[str, Mapping[str, sp.Expr]]
+    grids: Mapping[int, list] | None = None
+    max_num: tuple[int, int, int] | None = None
 
 
 class Model:
@@ -82,6 +102,12 @@ class Model:
 
     def variants(self, **options):
         raise NotImplementedError
+
+    def variant_sets(self) -> list[dict]:
+        """Representative sets of variant options (what an explorer page offers): by default every
+        combination of the options that have choices."""
+        opts = [o for o in self.variant_options if o.choices]
+        return [dict(zip([o.name for o in opts], c)) for c in itertools.product(*[o.choices for o in opts])]
 
     def mode_values(self, mode) -> dict[sp.Symbol, int]:
         raise NotImplementedError
@@ -123,7 +149,7 @@ class Model:
         """The assumptions (costgraph.forms rules) that turn a total into a polynomial, in order."""
         return ()
 
-    def metric_note(self, metric: str) -> str:
+    def metric_note(self, metric: str, variants=None) -> str:
         return ""
 
     # ---- inputs -----------------------------------------------------------------------------
@@ -142,6 +168,10 @@ class Model:
     def sequence_values(self, **sequence) -> dict:
         self.check_sequence(**sequence)
         return {}
+
+    def page_rule(self) -> PageRule:
+        """The input rule as data and a translatable kernel, for the explorer page."""
+        raise NotImplementedError(f"{self.name} has no page rule for the explorer")
 
     def layout_record(self, point: Point) -> dict:
         """What the `layout` command prints for one input."""
@@ -182,6 +212,12 @@ class Model:
         return [point.label]
 
     # ---- parameters and memory --------------------------------------------------------------
+    def peak_samples(self, mode, variants) -> dict | None:
+        """Points of the model's domain (symbol name -> array) on which a peak's closed form keeps the
+        candidates that win somewhere (`costgraph.liveness.liveness`'s `samples`); None: keep every
+        undominated one (exact, and fine when they are few)."""
+        return None
+
     def kv_cache_bytes(self, context) -> sp.Expr:
         raise NotImplementedError(f"{self.name} has no KV cache")
 
@@ -194,5 +230,7 @@ class Model:
         return []
 
     published: Mapping[str, float] = {}
+    # fine-tuning recipes for `costgraph recipes`: (label, variant options of a training step)
+    recipes: tuple[tuple[str, Mapping[str, Any]], ...] = ()
 
 

@@ -28,7 +28,7 @@ from .hardware import Hardware
 RAW = ("flops", "elementwise_flops", "bytes")
 
 
-def _factor(graph, node: str) -> sp.Expr:
+def batch_factor(graph, node: str) -> sp.Expr:
     """Copies of the node one execution of its stage runs: the batch multiplicities of its scopes."""
     k = sp.Integer(1)
     for s in graph.chain(graph.g.nodes[node]["scope"]):
@@ -57,7 +57,7 @@ class StageModel:
         unique: dict[sp.Expr, str] = {}
         self._keys: dict[str, list[str]] = {p: [] for p in "feb"}
         for n in self.nodes:
-            c, k = graph.cost(n), _factor(graph, n)
+            c, k = graph.cost(n), batch_factor(graph, n)
             for p, e in (("f", c.flops), ("e", c.elementwise_flops), ("b", c.bytes_read + c.bytes_written)):
                 e = sp.expand(k * e)
                 self._keys[p].append(unique.setdefault(e, f"x{len(unique)}"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 
+from . import autodiff
 from . import liveness as LV
 from . import params as P
 from . import roofline as RL
@@ -27,7 +28,8 @@ from .maxima import over_max
 from .render import human, table
 
 # `formula --metric` beyond the Cost fields
-DERIVED = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes", "kv_cache_bytes")
+DERIVED = ("bytes", "params", "weight_bytes", "active_params", "peak_activation_bytes", "kv_cache_bytes",
+           "peak_memory_bytes")
 
 
 def graph(model, mode, variants=None):
@@ -125,10 +127,14 @@ def stage_peak(model, mode, stage: str, variants=None) -> LV.Peak:
     g = graph(model, mode, variants)
     key = (id(g), stage)
     if key not in _PEAKS:
-        # a stage that is a composite (a training step) is one pass over all of its parts
-        target = stage if stage in g.scopes else tuple(model.composites[stage])
-        _PEAKS[key] = (g, LV.liveness(g, target))
+        _PEAKS[key] = (g, LV.liveness(g, _stage_target(model, g, stage),
+                                      samples=model.peak_samples(mode, variants)))
     return _PEAKS[key][1]
+
+
+def _stage_target(model, g, stage: str):
+    """A stage's liveness target: its scope, or (a composite stage: a training step) all of its parts."""
+    return stage if stage in g.scopes else tuple(model.composites[stage])
 
 
 def peak_formula(model, mode, scope: str, variants=None) -> sp.Expr:
@@ -162,8 +168,8 @@ def peaks(model, mode, values: dict, variants=None, only=None) -> dict[str, dict
                 out[st] = {"bytes": 0, "node": None, "note": f"no {st} step ({hi} = {last})"}
                 continue
             v[idx.name] = last
-        p = stage_peak(model, mode, st, variants)
-        out[st] = {**p.at({k: v[k] for k in p.args}), "factor": str(p.factor)}
+        target = _stage_target(model, g, st)
+        out[st] = {**LV.peak_at(g, target, v), "factor": str(LV.plan(g, target).factor)}
         if summed is not None:
             out[st][summed[0].name] = v[summed[0].name]
     return out
@@ -280,6 +286,9 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
             elif lm and (s.startswith(lm) or s in model.composites):
                 derived[s]["kv_cache_bytes"] = kv["final_bytes"]
         out["kv_cache"] = kv
+    training = autodiff.trained_nodes(g) or "recompute" in g.scopes
+    if training and ("activations" in groups or "params" in groups or hardware):
+        out["training_memory"] = training_memory(model, mode, values, variants, stage_peaks)
     if scopes and any(derived.values()):
         out = {"derived": derived, **out}
     if hardware:
@@ -287,10 +296,34 @@ def extra_metrics(model, mode, point, scopes, groups, totals: dict, *, variants,
         times = roofline(model, mode, fixed, point.values, hardware, variants, top)
         peak = max((p["bytes"] for p in stage_peaks.values()), default=0)
         out["roofline"] = {hw.name: {"hardware": hw.as_dict(), "stages": times[hw.name],
-                                     "fit": memory_fit(hw, summary["resident_weight_bytes"],
-                                                       kv["final_bytes"] if kv else 0, peak)}
+                                     "fit": (training_fit(hw, out["training_memory"]) if training else
+                                             memory_fit(hw, summary["resident_weight_bytes"],
+                                                        kv["final_bytes"] if kv else 0, peak))}
                            for hw in hardware}
     return out
+
+
+def training_memory(model, mode, values: dict, variants, stage_peaks: dict | None = None) -> dict:
+    """A training step's memory: weights, gradients, optimizer state, fp32 master copies
+    (`autodiff.static_memory`) and the activation peak of the step's liveness pass (saved tensors live
+    until their gradient op), with the node running at the peak; the peak total is their sum."""
+    g = graph(model, mode, variants)
+    static = {k: substitute(e, values) for k, e in autodiff.static_memory(g).items()}
+    stage_peaks = stage_peaks if stage_peaks else peaks(model, mode, values, variants)
+    act = max(stage_peaks.values(), key=lambda p: p["bytes"], default={"bytes": 0, "node": None})
+    trained = autodiff.trained_weights(g, autodiff.trained_nodes(g))
+    return {"trainable_params": count(model, mode, trained.params),
+            **{f"{k}_bytes": v for k, v in static.items()},
+            "peak_activation_bytes": act["bytes"], "peak_at": act["node"],
+            "peak_total_bytes": sum(static.values()) + act["bytes"],
+            "note": "gradients counted whole (all alive at the optimizer step); activations: the step's liveness "
+                    "peak (saved tensors live until their gradient op)"}
+
+
+def training_fit(hw: Hardware, mem: dict) -> dict:
+    need = mem["peak_total_bytes"]
+    return {**{k: v for k, v in mem.items() if k.endswith("_bytes")}, "total_bytes": need,
+            "memory_bytes": int(hw.memory), "fits": need <= hw.memory, "headroom_bytes": int(hw.memory) - need}
 
 
 def text_sections(model, out: dict) -> list[str]:
@@ -311,7 +344,18 @@ def text_sections(model, out: dict) -> list[str]:
         lines.append("")
         rows = [[s, f"{v['bytes']:,}", human(v["bytes"]), str(v.get("node") or "-")] for s, v in a["peak"].items()]
         lines.append(table(rows, ["stage", "peak activation bytes", "approx", "at node"]))
-    kv = out.get("kv_cache")
+    t = out.get("training_memory")
+    if t:
+        lines.append("")
+        parts = [("weights", "weights_bytes"), ("gradients", "gradients_bytes"),
+                 ("optimizer state", "optimizer_state_bytes"), ("fp32 master copies", "master_weights_bytes"),
+                 ("activations at the peak", "peak_activation_bytes")]
+        rows = [[name, f"{t[k]:,}", human(t[k])] for name, k in parts]
+        rows.append(["peak total", f"{t['peak_total_bytes']:,}", human(t["peak_total_bytes"])])
+        lines.append(f"training memory: {t['trainable_params']:,} trainable parameters; activation peak at "
+                     f"{t['peak_at']}")
+        lines.append(table(rows, ["part", "bytes", "approx"]))
+    kv = out.get("kv_cache") if not t else None
     if kv:
         lines.append("")
         lines.append(f"KV cache: {kv['per_token_bytes']:,} bytes per token; {kv['after_prefill_bytes']:,} after the "
@@ -383,6 +427,13 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
         return sub({"params": t.params, "weight_bytes": t.weight_bytes, "active_params": t.active}[metric])
     if metric == "peak_activation_bytes":
         return sub(peak_formula(model, mode, scope, variants))
+    if metric == "peak_memory_bytes":
+        g = graph(model, mode, variants)
+        if not autodiff.trained_nodes(g):
+            raise ValueError("peak_memory_bytes is a training metric (--phase train): weights, gradients, optimizer "
+                             "state, master copies and the step's activation peak")
+        static = sp.Add(*autodiff.static_memory(g).values())
+        return sub(sp.expand(static) + peak_formula(model, mode, scope, variants))
     if metric == "kv_cache_bytes":
         lm = model.lm_scope
         if not model.generates or not (scope.startswith(lm) or scope in model.composites):

@@ -18,7 +18,7 @@ from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
 from costgraph.graphs.pages import PageWarning
-from . import bench, sweep, tables, verify_cmd
+from . import bench, recipes, sweep, tables, verify_cmd
 from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, mode_arg, mode_of, model_arg,
                    model_of, output_text_tokens_arg, page_args, point_of, scopes_of, variant_args, variants_of)
 from .text import (DEFAULT_GROUPS, EXIT_BAD_INPUT, FORMULA_METRICS, METRIC_GROUPS, UserError, parse_hardware,
@@ -193,6 +193,34 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    """One self-contained HTML page computing the model's costs in the browser (costgraph.app.explore)."""
+    from tqdm import tqdm
+
+    from . import explore
+
+    model = model_of(args)
+    variants_of(model, args)  # refuses an option the model does not have
+    chosen = {o.name: getattr(args, o.name) for o in model.variant_options if getattr(args, o.name, None) is not None}
+    offered = {o.name for o in explore.page_options(model)}
+    beyond = [k for k in chosen if k not in offered]
+    if beyond:
+        raise UserError(f"--{beyond[0].replace('_', '-')}: the page offers {', '.join(sorted(offered)) or 'no variants'} "
+                        f"(the training phase is the CLI's: cost/formula/recipes --phase train)")
+    out = args.out or f"costgraph-explorer-{model.name}.html"
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):   # before the seconds of building the page, not after
+        raise UserError(f"output folder does not exist: {folder}")
+    with tqdm(desc="explore", unit=" step", disable=None, file=sys.stderr) as bar:
+        def progress(what):
+            bar.set_postfix_str(what[:60])
+            bar.update()
+        text = explore.build_page(model, chosen, progress)
+    write_atomic(out, text)
+    print(f"wrote {out} ({len(text.encode()) / 2**20:.1f} MiB): open it in a browser, offline")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.layouts < 1 or args.layouts > 100_000_000:
         raise UserError(f"--layouts must be from 1 to 100,000,000, got {args.layouts}")
@@ -271,11 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", metavar="FILE")
     q.set_defaults(fn=cmd_graph)
 
+    q = sub.add_parser("explore", help="one self-contained HTML page to explore costs in a browser (offline)")
+    model_arg(q)
+    variant_args(q)
+    q.add_argument("--out", metavar="FILE.html", help="(default: costgraph-explorer-MODEL.html)")
+    q.set_defaults(fn=cmd_explore)
+
     q = sub.add_parser("bench", help="timings: graph build, compiled evaluation, reference count")
     q.add_argument("--layouts", type=int, default=1_000_000)
     q.set_defaults(fn=cmd_bench)
 
     tables.add_parser(sub)
+    recipes.add_parser(sub)
     sweep.add_parser(sub)
     verify_cmd.add_parser(sub)
     return p

@@ -8,10 +8,12 @@ model), `assembly.py` (global + crop branches, token assembly, the whole graph),
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from costgraph import forms
-from costgraph.model import Model, Point, VariantOption
+from costgraph.model import Model, PageRule, Point, VariantOption
 from . import assembly, decoder, layout as L, training
 from . import symbols as S
 from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES, VISION
@@ -58,8 +60,18 @@ class DeepSeekOCR(Model):
     term_groups = {(S.w_crop, S.h_crop): "crop"}
     latex_names = {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}
     published = PUBLISHED
+    recipes = (("LoRA r=16 (Unsloth: q,k,v,o,gate,up,down)", {"train": "lora", "lora_rank": 16}),
+               ("LM, vision frozen (vendor HF)", {"train": "lm"}),
+               ("LM + CLIP + projector (SAM frozen)", {"train": "lm+clip+projector"}),
+               ("full", {"train": "full"}))
 
     # ---- modes and variants -----------------------------------------------------------------
+    def variant_sets(self):
+        """The inference variants (every combination of attention, lm_head, rope); the training phase's
+        settings are the CLI's (`--phase train`, `costgraph recipes`)."""
+        opts = [o for o in self.variant_options if o.name in ("attention", "lm_head", "rope")]
+        return [dict(zip([o.name for o in opts], c)) for c in itertools.product(*[o.choices for o in opts])]
+
     def variants(self, **options):
         if options.get("phase", "inference") != "train":
             given = [k for k in decoder.TRAINING_FIELDS if k in options]
@@ -105,6 +117,22 @@ class DeepSeekOCR(Model):
     def prompt_length(self, mode):
         return decoder.prompt_length(True if mode is None else mode.crop_mode)
 
+    def peak_samples(self, mode, variants):
+        """A training step's domain, for its peak's closed form: every released mode of the graph's kind
+        (crop or native), every grid up to 9 crops and 1x1, prompts of 0..7,000 text tokens, batches of
+        1..32, both storage dtypes. Inference: None (every undominated candidate)."""
+        if not variants.training:
+            return None
+        crop = True if mode is None else mode.crop_mode
+        modes = [m for m in MODES.values() if m.crop_mode == crop]
+        grids = [(1, 1)] + (L.candidate_grids(2, MAX_CROPS) if crop else [])
+        axes = [[assembly.mode_values(m) for m in modes], grids, [0, 16, 64, 256, 1024, 2048, 4096, 7000],
+                [1, 2, 4, 8, 32], [2, 4]]
+        rows = [{**{k.name: v for k, v in sizes.items()}, "w_crop": w, "h_crop": h, "text_tokens": t, "batch": b,
+                 "dtype_bytes": d}
+                for sizes in axes[0] for (w, h) in axes[1] for t in axes[2] for b in axes[3] for d in axes[4]]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
     def kv_cache_bytes(self, context):
         return decoder.kv_cache_bytes(context=context)
 
@@ -112,8 +140,9 @@ class DeepSeekOCR(Model):
     def form_rules(self, mode):
         return FORM_RULES
 
-    def metric_note(self, metric):
-        return METRIC_NOTES.get(metric, "") + " " + STRUCTURE_NOTE
+    def metric_note(self, metric, variants=None):
+        training = variants is not None and variants.training
+        return METRIC_NOTES.get(metric, "") + " " + (TRAINING_NOTE if training else STRUCTURE_NOTE)
 
     # ---- inputs -----------------------------------------------------------------------------
     def default_sequence(self):
@@ -146,6 +175,21 @@ class DeepSeekOCR(Model):
             label = f"what-if grid {r['w_crop']}x{r['h_crop']} ({note}), {r['num_crops']} crops, " \
                     f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)"
         return Point(values, rec, label, note)
+
+    def page_rule(self) -> PageRule:
+        """The layout rule's kernels (layout.page_point) with each mode's data, the candidate grids per
+        --max-num, and the token counts and sequence lengths as expressions in the grid and the sequence."""
+        exprs = {}
+        for name, mode in MODES.items():
+            tokens = L.image_tokens(mode)
+            prompt = 1 + S.text_tokens + tokens["total"]
+            exprs[name] = {**{f"tokens.{k}": v for k, v in tokens.items()}, "image_tokens": tokens["total"],
+                           "paper_tokens": tokens["paper"], "prompt_tokens": prompt,
+                           "decode_forwards": S.output_tokens - 1, "final_context": prompt + S.output_tokens - 1,
+                           "positions": prompt + S.output_tokens - 1}
+        return PageRule(L.page_point, {name: L.page_data(m) for name, m in MODES.items()}, exprs,
+                        {n: L.candidate_grids(L.MIN_CROPS, n) for n in range(L.MIN_CROPS, L.MAX_NUM_LIMIT + 1)},
+                        (L.MIN_CROPS, L.MAX_NUM_LIMIT, MAX_CROPS))
 
     def summary_columns(self, layout: dict) -> dict:
         """A layout record's columns for a table of pages."""
@@ -327,6 +371,10 @@ FORM_RULES = (
 STRUCTURE_NOTE = ("The crop branch runs w_crop*h_crop times; the layout 1x1 (a page within 640x640) means no crops, "
                   "hence the Piecewise factor. The prompt is 1 + text_tokens + image tokens; decode sums forwards "
                   "t = 1..output_tokens-1 over a context of prompt + t.")
+TRAINING_NOTE = ("A training step: B pages' views (the crop branch w_crop*h_crop times per page; 1x1 means no "
+                 "crops), one forward over B sequences of 1 + image tokens + text_tokens (prompt and answer), the "
+                 "loss, the backward of what trains (backward.*), recomputed layers under checkpointing, one "
+                 "optimizer update per trained parameter.")
 METRIC_NOTES = {
     "flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only.",
     "elementwise_flops": "Elementwise FLOPs per aten op under costgraph/conventions.py (norms, softmax, "
@@ -346,6 +394,10 @@ METRIC_NOTES = {
     "peak_activation_bytes": "peak live bytes of op outputs (liveness in execution order; inputs, weights and KV "
                              "cache excluded); the crop batch holds w_crop*h_crop views; decode at t = "
                              "output_tokens-1; a scope's peak is the Max of its stages'.",
+    "peak_memory_bytes": "a training step's peak memory: weights, gradients and optimizer state of what trains, "
+                         "fp32 master copies (mixed precision), plus the step's activation peak (saved tensors live "
+                         "until their gradient op); the peak's candidates are those that win somewhere on the sampled "
+                         "domain (every grid to 9 crops, 0..7,000 text tokens, batch 1..32).",
     "kv_cache_bytes": "KV cache bytes: K and V of every layer for every cached token (prefill: the prompt; decode: "
                       "the final context prompt + output_tokens - 1).",
 }

@@ -94,8 +94,8 @@ class Variants:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        if not self.training:
-            for k in TRAINING_FIELDS:
+        if not self.training:   # an inference run is described as before there was a training phase
+            for k in ("phase",) + TRAINING_FIELDS:
                 d.pop(k)
         elif self.train != "lora":
             for k in ("lora_rank", "lora_alpha", "lora_targets"):

@@ -105,10 +105,20 @@ def layouts_for(widths, heights, mode: Mode, min_num: int = MIN_CROPS, max_num: 
         check_max_num(max_num)
     elif not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
-    tiled = np.zeros(w.shape, dtype=bool) if not mode.crop_mode else \
+    w_crop, h_crop, tiled = grid_choice(w, h, mode.crop_mode, mode.image_size, candidate_grids(min_num, max_num))
+    return Layouts(w, h, w_crop, h_crop, tiled)
+
+
+# Kernels: elementwise numpy over arrays of pages, written in the subset `costgraph explore` translates to
+# JavaScript (costgraph.app.pyjs), so the page runs this code, not a copy of it.
+
+def grid_choice(w, h, crop_mode, tile, grids):
+    """(w_crop, h_crop, tiled) of pages: within the no-crop threshold (or a native mode) a page runs the
+    global view only (grid 1x1), else the closest grid."""
+    tiled = np.zeros(w.shape, dtype=bool) if not crop_mode else \
         ~((w <= NO_CROP_THRESHOLD) & (h <= NO_CROP_THRESHOLD))
-    i, j = closest_grids(w, h, mode.image_size, candidate_grids(min_num, max_num))
-    return Layouts(w, h, np.where(tiled, i, 1), np.where(tiled, j, 1), tiled)
+    i, j = closest_grids(w, h, tile, grids)
+    return np.where(tiled, i, 1), np.where(tiled, j, 1), tiled
 
 
 def layout_for(width: int, height: int, mode: Mode, min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> Layout:
@@ -140,9 +150,13 @@ def check_grid(grid, mode: Mode, max_num: int = MAX_CROPS, what_if: bool = False
     return f"what-if: {why}"
 
 
+MAX_NUM_LIMIT = 64   # the most crops --max-num allows
+
+
 def check_max_num(max_num) -> None:
-    if isinstance(max_num, bool) or not isinstance(max_num, int) or not MIN_CROPS <= max_num <= 64:
-        raise ValueError(f"--max-num must be an integer from {MIN_CROPS} (the vendor's min_num) to 64, got {max_num}")
+    if isinstance(max_num, bool) or not isinstance(max_num, int) or not MIN_CROPS <= max_num <= MAX_NUM_LIMIT:
+        raise ValueError(f"--max-num must be an integer from {MIN_CROPS} (the vendor's min_num) to {MAX_NUM_LIMIT}, "
+                         f"got {max_num}")
 
 
 def all_grids(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[tuple[int, int]]:
@@ -222,7 +236,7 @@ def check_pages(widths, heights, mode: Mode) -> None:
     if bad.any():
         k = int(np.argmax(bad))
         raise ValueError(f"image size must be positive integers, got {w[k]}x{h[k]}")
-    if mode.crop_mode or mode.name in ("base", "large"):
+    if pads(mode):
         pw, ph = padded_sizes(w, h, mode.base_size)
         bad = (pw == 0) | (ph == 0)
         if bad.any():
@@ -277,31 +291,40 @@ def unpadded_share(widths, heights) -> np.ndarray:
     return 1.0 - (big - small) / big
 
 
+def valid_rule(mode: Mode) -> tuple[int, int, int]:
+    """The vendor's valid-token case for a mode: (features scaled by r, or 0; a constant count, or 0;
+    tokens per crop run). A base_size the rule does not name (no released mode has one) is refused
+    rather than counted 0."""
+    per_crop = VALID_PER_CROP if mode.crop_mode and mode.image_size == VALID_CROP_TILE else 0
+    if mode.base_size in VALID_SCALED_FEATURES:
+        return VALID_SCALED_FEATURES[mode.base_size], 0, per_crop
+    if not mode.crop_mode and mode.base_size in VALID_NATIVE_CONSTANT:
+        return 0, VALID_NATIVE_CONSTANT[mode.base_size], per_crop
+    known = sorted(VALID_SCALED_FEATURES) if mode.crop_mode else sorted({**VALID_SCALED_FEATURES,
+                                                                         **VALID_NATIVE_CONSTANT})
+    raise ValueError(f"the vendor's valid-token rule has no case for mode {mode.name!r} with base_size "
+                     f"{mode.base_size} (it names {', '.join(map(str, known))})")
+
+
+def valid_counts(w, h, crops, scaled, constant, per_crop):
+    """(vendor, paper_ceil) valid tokens of pages under one mode's case (`valid_rule`): `scaled` features
+    times r (int(): toward zero, as the vendor prints; ceil: the paper's Equation 1), else `constant`;
+    plus `per_crop` per crop run."""
+    features = scaled * unpadded_share(w, h)  # int * float, as in Python
+    vendor = np.where(scaled > 0, np.trunc(features), constant).astype(np.int64) + per_crop * crops
+    paper = np.where(scaled > 0, np.ceil(features), constant).astype(np.int64) + per_crop * crops
+    return vendor, paper
+
+
 def valid_tokens_for(widths, heights, num_crops, mode: Mode) -> ValidTokens:
     """The vendor's valid-token rule for arrays of original page sizes and the crops each runs.
 
-    `num_crops`: crops actually run (0 for a page within 640x640 in crop mode, and in native modes).
-    A base_size the rule does not name (no released mode has one) is refused rather than counted 0.
-    """
+    `num_crops`: crops actually run (0 for a page within 640x640 in crop mode, and in native modes)."""
     w = np.asarray(widths, dtype=np.int64).ravel()
     h = np.asarray(heights, dtype=np.int64).ravel()
     crops = np.broadcast_to(np.asarray(num_crops, dtype=np.int64).ravel(), w.shape)
     check_pages(w, h, mode)
-    if mode.base_size in VALID_SCALED_FEATURES:
-        scaled = VALID_SCALED_FEATURES[mode.base_size] * unpadded_share(w, h)  # int * float, as in Python
-        vendor = np.trunc(scaled).astype(np.int64)     # int(x): toward zero
-        paper = np.ceil(scaled).astype(np.int64)
-    elif not mode.crop_mode and mode.base_size in VALID_NATIVE_CONSTANT:
-        vendor = paper = np.full(w.shape, VALID_NATIVE_CONSTANT[mode.base_size], dtype=np.int64)
-    else:
-        known = sorted(VALID_SCALED_FEATURES) if mode.crop_mode else sorted({**VALID_SCALED_FEATURES,
-                                                                             **VALID_NATIVE_CONSTANT})
-        raise ValueError(f"the vendor's valid-token rule has no case for mode {mode.name!r} with base_size "
-                         f"{mode.base_size} (it names {', '.join(map(str, known))})")
-    if mode.crop_mode and mode.image_size == VALID_CROP_TILE:
-        vendor = vendor + VALID_PER_CROP * crops
-        paper = paper + VALID_PER_CROP * crops
-    return ValidTokens(vendor, paper)
+    return ValidTokens(*valid_counts(w, h, crops, *valid_rule(mode)))
 
 
 def valid_tokens(layout: Layout, mode: Mode) -> dict[str, int]:
@@ -330,3 +353,30 @@ def compression_ratio(output_text_tokens: int, valid: int) -> float | None:
     """The vendor's compression ratio of one page; None when it has no valid tokens (a sliver in base/large)."""
     r = float(compression_ratios(output_text_tokens, [valid])[0])
     return None if math.isnan(r) else r
+
+
+# ---- one page as the explorer page computes it (costgraph explore) ---------------------------
+
+def page_point(width, height, m, grids):
+    """The layout kernels composed as `layouts_for`, `padded_sizes` and `valid_tokens_for` compose them, for
+    one mode's data `m` (`page_data`) and the candidate grids under max_num: what the page shows of a page."""
+    pw, ph = padded_sizes(width, height, m["base_size"])
+    w_crop, h_crop, tiled = grid_choice(width, height, m["crop_mode"], m["image_size"], grids)
+    crops = np.where(tiled, w_crop * h_crop, 0)
+    vendor, paper = valid_counts(width, height, crops, m["valid_scaled"], m["valid_constant"], m["valid_per_crop"])
+    return {"w_crop": w_crop, "h_crop": h_crop, "tiled": tiled, "num_crops": crops, VALID_TOKENS: vendor,
+            VALID_TOKENS_PAPER_CEIL: paper, "padded_width": pw, "padded_height": ph,
+            "too_elongated": m["pads"] & ((pw == 0) | (ph == 0))}
+
+
+def page_data(mode: Mode) -> dict:
+    """What `page_point` reads of a mode (plain values)."""
+    scaled, constant, per_crop = valid_rule(mode)
+    return {"base_size": mode.base_size, "image_size": mode.image_size,
+            "crop_mode": mode.crop_mode, "pads": pads(mode), "valid_scaled": scaled, "valid_constant": constant,
+            "valid_per_crop": per_crop}
+
+
+def pads(mode: Mode) -> bool:
+    """The mode's global view is the page padded to a square (aspect kept); else stretched (tiny, small)."""
+    return mode.crop_mode or mode.name in ("base", "large")

@@ -168,8 +168,8 @@ def train_graph(crop_mode: bool = True, variants: Variants = Variants(phase="tra
     tokens = sequence_length(crop_mode)
     loss = forward(g.scope("decoder", doc="one language-model forward over B training sequences, and the loss"),
                    cfg, variants, tokens=tokens, batch=S.batch, image=image, slots=decoder.image_slots(crop_mode))
-    grads = autodiff.mirror_scopes(g, ("vision", "vision.global", "vision.crops", "decoder"), "backward",
-                                   "gradients of")
+    grads = autodiff.mirror_scopes(g, tuple(s for s in ("vision", "vision.global", "vision.crops", "decoder")
+                                            if s in g.scopes), "backward", "gradients of")
     recompute = autodiff.mirror_scopes(g, ("decoder",), "recompute", "checkpointed forward again before the "
                                                                      "backward of") \
         if variants.checkpointing == "layer" else {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from costgraph import forms
-from costgraph.model import Model, Point
+from costgraph.model import Model, PageRule, Point
 from costgraph.graphs.pages import page_size
 from . import symbols as S
 from .config import DEFAULT, DEFAULT_VARIANT, VARIANTS, VitConfig, get_variant
@@ -82,7 +82,7 @@ class ViT(Model):
     def form_rules(self, mode):
         return (forms.AlignedRule((S.image_size,), S.patch_size, DEFAULT.patch_size, None, self.latex_names),)
 
-    def metric_note(self, metric):
+    def metric_note(self, metric, variants=None):
         return {"flops": "FLOPs in torch's convention (2 per multiply-add), matmul-class ops only."}.get(metric, "") \
             + " One image of side image_size in (image_size // patch_size)^2 + 1 tokens."
 
@@ -102,6 +102,12 @@ class ViT(Model):
         label = (f"image {w}x{h} -> resized to {mode.image_size}x{mode.image_size} by the processor, "
                  f"{tokens} tokens ({tokens - 1} patches of {mode.patch_size} px + the class token)")
         return Point({}, rec, label)
+
+    def page_rule(self):
+        """An image of any size is resized to the mode's side: the size changes nothing."""
+        return PageRule(None, {name: {} for name in VARIANTS},
+                        {name: {"resized_to": m.image_size, "patch_size": m.patch_size,
+                                "tokens": num_tokens(m.image_size, m.patch_size)} for name, m in VARIANTS.items()})
 
     def summary_columns(self, record):
         return {"image": f"{record['width']}x{record['height']}", "resized to": record["resized_to"],
