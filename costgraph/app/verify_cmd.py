@@ -15,7 +15,7 @@ import warnings
 from costgraph.io import write_atomic
 from costgraph.render import table
 from costgraph.graphs.deepseek_ocr import assembly as model_graph
-from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MODES, get_mode
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
 from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from costgraph.graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
 from costgraph.graphs.pages import PageWarning, page_size
@@ -101,6 +101,8 @@ def _lm_extra(args) -> dict:
 def _request(args):
     from costgraph.verify.runner import Request
 
+    if args.max_num is None:
+        args.max_num = MAX_CROPS
     if args.mode is None:
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
     else:
