@@ -157,13 +157,15 @@ def rel_pos_table(b: ScopeBuilder, p: str, side, table: int, hd, impl: str = "ve
     lengths differ, gathered to (side, side, hd) by the relative coordinates. transformers'
     SAM resizes always, in the storage dtype."""
     stored, length = 2 * table - 1, 2 * side - 1
-    resize = unequal(length, stored) if impl == "vendor" else 1
-    fp32 = resize if impl == "vendor" else 0
+    vendor = impl == "vendor"
+    resize = unequal(length, stored) if vendor else 1
     t = b.input(p, (stored, hd), param=True)
-    t = cast(b, f"{p}.to_fp32", t, FLOAT32, when=fp32)
+    if vendor:
+        t = cast(b, f"{p}.to_fp32", t, FLOAT32, when=resize)
     t = b.op(f"{p}.ncl", "permute", t, shape=(1, hd, stored))
     t = b.op(f"{p}.resize", "interpolate", t, mode="linear", size=(length,), when=resize)
-    t = cast(b, f"{p}.to_storage", t, S.dtype_bytes, when=fp32)
+    if vendor:
+        t = cast(b, f"{p}.to_storage", t, S.dtype_bytes, when=resize)
     t = b.op(f"{p}.rows", "permute", t, shape=(length, hd))
     idx = b.op(f"{p}.coords", "rel_pos_coords", size=side, itemsize=INT64)
     return b.op(f"{p}.gather", "index", t, idx)

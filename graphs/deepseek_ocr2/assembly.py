@@ -63,9 +63,12 @@ def vision_graph(cfg: VisionConfig = VISION) -> CostGraph:
 
 
 @lru_cache(maxsize=None)
-def model_graph(variants: decoder.Variants = decoder.DEFAULT, cfg=LM, experts_hit=None) -> CostGraph:
+def model_graph(variants: decoder.Variants = decoder.DEFAULT, cfg=LM, experts_hit=None,
+                vision_cfg: VisionConfig = VISION) -> CostGraph:
+    """The whole model; `cfg`, `vision_cfg`: small ones for fast checks against a small reference;
+    `experts_hit`: None predicts its bound, the symbol keeps it free (the verifier's)."""
     g = CostGraph("deepseek-ocr-2", params={"mode": MODE.name, **variants.as_dict()})
-    image = _add_vision(g)
+    image = _add_vision(g, MODE, vision_cfg)
     decoder.build(g, cfg, variants, image=image, slots=image_slots(), experts_hit=experts_hit)
     return g
 

@@ -8,7 +8,8 @@ import sympy as sp
 
 from costgraph.cost import Cost
 from costgraph.dtypes import BOOL, INT64
-from costgraph.ops import ew, itemsize, nbytes, numel, prod, register
+from costgraph import params
+from costgraph.ops import OPS, ew, itemsize, nbytes, numel, prod, register
 from . import symbols as S
 
 
@@ -83,3 +84,15 @@ def placeholder_scatter(x, source):
              + _cost(read=BOOL))                                   # item of the check
     scatter = _cost(read=nbytes(x) + BOOL * tokens + nbytes(source), written=nbytes(x), out=nbytes(x))
     return tuple(x), check + scatter
+
+
+@register("linear_bias_apart")
+def linear_bias_apart(x, *, in_features, out_features, bias: bool = True, weight_itemsize=None):
+    """`F.linear` on a non-contiguous 3-D input: torch runs a matmul without the bias (this node: the
+    copy of the input is a reshape node before it) and adds the bias in place afterwards (an `add` node).
+    The module's weights are the Linear's, bias included (`costgraph.params`' linear rule)."""
+    return OPS["linear"](x, in_features=in_features, out_features=out_features, bias=False,
+                         weight_itemsize=weight_itemsize)
+
+
+params.register("linear_bias_apart")(params.linear)

@@ -36,9 +36,8 @@ def view(b: ScopeBuilder, side: int, cfg: VisionConfig = VISION, batch=1, min_ba
     x = encoder(b, x, patches=n * n, queries=q, cfg=cfg.encoder)
     if min_batch > 1:   # a crop batch: F.linear on a non-contiguous 3-D slice
         x = b.op("projector.flatten", "reshape", x, shape=(bsz * q, cfg.encoder.width), copy=True)
-        x = b.op("projector", "linear", x, in_features=cfg.encoder.width, out_features=cfg.projector_out,
-                 bias=False)
-        bias = b.input("projector.bias", (cfg.projector_out,), param=True)
+        x = b.op("projector", "linear_bias_apart", x, in_features=cfg.encoder.width, out_features=cfg.projector_out)
+        bias = b.input("projector.bias", (cfg.projector_out,))   # the Linear's own bias (counted there)
         x = b.op("projector.bias_add", "add", x, bias)
         return b.op("projector.unflatten", "reshape", x, shape=(bsz, q, cfg.projector_out))
     return b.op("projector", "linear", x, in_features=cfg.encoder.width, out_features=cfg.projector_out)
