@@ -191,10 +191,9 @@ def processor_inputs(path: str, max_num: int = MAX_CROPS):
     from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
     from costgraph.graphs.pages import open_page
 
-    img = open_page(path)
-    proc = DeepseekOcr2ImageProcessorPil()
-    out = proc(images=img, return_tensors="pt", max_patches=max_num)
-    lay = L.layout_for(img.size[0], img.size[1], MODE, max_num=max_num)
+    with open_page(path) as img:
+        out = DeepseekOcr2ImageProcessorPil()(images=img, return_tensors="pt", max_patches=max_num)
+        lay = L.layout_for(img.size[0], img.size[1], MODE, max_num=max_num)
     crops = int(out["num_local_patches"][0])
     if crops != lay.num_crops:
         raise RuntimeError(f"the processor cut {crops} crops, the layout rule says {lay.num_crops} ({lay})")
