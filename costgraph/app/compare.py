@@ -160,8 +160,10 @@ def _rows(out: dict) -> tuple[list[str], list[list[str]]]:
 def _context(out: dict) -> str:
     seqs = {r["model"]: r["sequence"] for r in out["pages"]}
     parts = [f"{m}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for m, s in seqs.items()]
-    return (f"storage {out['dtype']}; " + "; ".join(parts) + f"; time: roofline on {out['hardware']} (vision + "
-            "prefill + every decode forward); peak: the largest stage's live activations")
+    variants = {r["model"]: " ".join(f"{k}={v}" for k, v in r["variants"].items()) for r in out["pages"]}
+    return (f"storage {out['dtype']}; " + "; ".join(parts) + "; variants: " +
+            "; ".join(f"{m}: {v}" for m, v in variants.items()) + f". Time: roofline on {out['hardware']} (vision "
+            "+ prefill + every decode forward); peak: the largest stage's live activations")
 
 
 def markdown(out: dict) -> str:
@@ -205,6 +207,9 @@ def plot(models, out: dict, path: str, args) -> None:
                     zorder=3)
     for ax in (ax1, ax2):
         ax.set_xscale("log")
+        ax.set_xticks([0.2, 0.25, 1 / 3, 0.5, 0.75, 1, 4 / 3, 2, 3, 4, 5])
+        ax.set_xticklabels(["1:5", "1:4", "1:3", "1:2", "3:4", "1:1", "4:3", "2:1", "3:1", "4:1", "5:1"])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     ax1.set_ylabel("image tokens")
