@@ -33,7 +33,6 @@ import time
 from collections import defaultdict
 from functools import lru_cache
 
-import sympy as sp
 import torch
 
 from costgraph import conventions as C
@@ -470,6 +469,7 @@ def run_page(model, lay, pixels, local, *, text_tokens: int, decode_steps: int, 
     run = LMRun(ids.shape[1], decode_steps)
     cache = DynamicCache(config=model.config.text_config)
     keep = 1 if lm_head == "last" else 0
+    nxt = None
     pixels = pixels.to(dtype)
     local = None if local is None else local.to(dtype)
     with _router_log(model) as routes, log, (rec if rec is not None else contextlib.nullcontext()), \
@@ -566,5 +566,3 @@ def compare_params(model=None) -> Comparison:
 def all_grid_layouts(max_num: int = MAX_CROPS):
     return [L.layout_for_grid(w, h, MODE) for w, h in L.all_grids(max_num)]
 
-
-_ = (sp, IMAGE_TOKEN_ID)

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from costgraph import forms, render, stages
+from costgraph import forms, stages
 from costgraph.hardware import Hardware
 from costgraph.io import write_atomic
 from costgraph.render import human, table
@@ -258,5 +258,3 @@ def cmd_compare(args) -> int:
         print(latex(models, dtype=args.dtype))
     return 0 if out["pages"] else 2
 
-
-_ = render

@@ -17,8 +17,7 @@ from costgraph.graphs.deepseek_ocr.layout import crops_run
 from costgraph.model import Model, Point, VariantOption
 from . import assembly, decoder, layout as L
 from . import symbols as S
-from .config import (DEFAULT_MODE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, LM, MAX_CROPS, MAX_POSITIONS, MODES,
-                     VISION)
+from .config import DEFAULT_MODE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES
 
 RELEASED_PARAMETERS = 3_389_119_360   # the release's count (Unsloth's OCR-2 figure minus its LoRA parameters)
 
@@ -217,4 +216,3 @@ STRUCTURE_NOTE = ("The global view (1024) runs first, then a batch of w_crop*h_c
                   "256 + 144*crops + 1; decode sums forwards t = 1..output_tokens-1 over a context of prompt + t.")
 
 MODEL = DeepSeekOCR2()
-_ = (LM, VISION)

@@ -108,9 +108,3 @@ def image_tokens(mode: Mode, w=S.w_crop, h=S.h_crop) -> dict:
 def tokens_for(layout: Layout, mode: Mode) -> dict[str, int]:
     return {k: int(v) for k, v in image_tokens(mode, layout.w_crop, layout.h_crop).items()}
 
-
-def num_crops_of(layout: Layout) -> int:
-    return layout.num_crops
-
-
-_ = layout_for_grid  # re-exported: a grid given directly (1x1: no crops), as DeepSeek-OCR's

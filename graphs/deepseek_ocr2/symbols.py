@@ -2,8 +2,7 @@
 is symbolic in the crop grid and the sequence only. `w_crop`, `h_crop` are the same symbols as
 DeepSeek-OCR's (`declare` returns the one symbol of a name); the sequence symbols and the storage
 dtype are the engine's."""
-from costgraph.symbols import (context, declare, decode_step, dtype_bytes, experts_hit,  # noqa: F401
-                               output_tokens, text_tokens)
+from costgraph.symbols import declare, dtype_bytes, experts_hit, output_tokens, text_tokens  # noqa: F401
 
 w_crop = declare("w_crop", latex=r"w_{\mathrm{crop}}", term="crop column", doc="tiles across")
 h_crop = declare("h_crop", latex=r"h_{\mathrm{crop}}", term="crop row", doc="tiles down")
