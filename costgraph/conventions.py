@@ -53,7 +53,8 @@ ONE_PER_OUT = (
     "lt", "le", "silu", "gelu", "erf", "cos", "sin", "add_", "mul_", "div_", "sub_", "masked_fill_",
     "bitwise_not", "logical_not", "bitwise_and", "bitwise_or",
 )
-ONE_PER_IN = ("sum", "mean", "amax", "amin", "max", "min", "topk", "argmax", "var", "std", "any", "all")
+ONE_PER_IN = ("sum", "mean", "amax", "amin", "max", "min", "topk", "argmax", "var", "std", "any", "all",
+              "_is_all_true")
 ZERO = (
     "clone", "_to_copy", "copy_", "contiguous", "cat", "stack", "constant_pad_nd", "index", "index_select",
     "gather", "scatter", "embedding", "arange", "fill_", "zero_", "zeros", "zeros_like", "empty", "empty_like",

@@ -34,7 +34,14 @@ def _max_num(text: str) -> int:
 
 
 def max_num_arg(q) -> None:
-    q.add_argument("--max-num", type=_max_num, default=9, help="most crops (HF 9, vLLM 6; 2 to 64)")
+    q.add_argument("--max-num", type=_max_num, default=None,
+                   help="most crops (default: the model's: DeepSeek-OCR 9 (HF; vLLM 6), DeepSeek-OCR 2 6; 2 to 64)")
+
+
+def max_num_option(args) -> dict:
+    """`max_num` for a model's inputs when given (else each model's own default applies)."""
+    n = getattr(args, "max_num", None)
+    return {} if n is None else {"max_num": n}
 
 
 def variant_args(q) -> None:
@@ -157,7 +164,7 @@ def sequence_of(model, args) -> dict:
 
 
 def point_of(model, mode, args):
-    return model.point(mode, size=args.size, image=args.image, grid=args.grid, max_num=args.max_num,
+    return model.point(mode, size=args.size, image=args.image, grid=args.grid, **max_num_option(args),
                        what_if=args.what_if, **sequence_of(model, args), **input_options(args))
 
 

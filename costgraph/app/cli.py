@@ -18,8 +18,8 @@ from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
 from costgraph.graphs.pages import PageWarning
-from . import bench, recipes, sweep, tables, verify_cmd
-from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, mode_arg, mode_of, model_arg,
+from . import bench, compare, recipes, sweep, tables, verify_cmd
+from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, max_num_option, mode_arg, mode_of, model_arg,
                    model_of, output_text_tokens_arg, page_args, point_of, scopes_of, variant_args, variants_of)
 from .text import (DEFAULT_GROUPS, EXIT_BAD_INPUT, FORMULA_METRICS, METRIC_GROUPS, UserError, parse_hardware,
                    parse_metrics, parse_size)
@@ -36,7 +36,7 @@ def cmd_layout(args) -> int:
     records, bad = [], 0
     for w, h in args.size:
         try:
-            p = model.point(mode, size=(w, h), max_num=args.max_num, **input_options(args))
+            p = model.point(mode, size=(w, h), **max_num_option(args), **input_options(args))
             records.append(model.layout_record(p))
         except ValueError as e:
             bad += 1
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_parser(sub)
     sweep.add_parser(sub)
     verify_cmd.add_parser(sub)
+    compare.add_parser(sub)
     return p
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from costgraph.model import Model
 from costgraph.graphs.deepseek_ocr import MODEL as DEEPSEEK_OCR
+from costgraph.graphs.deepseek_ocr2 import MODEL as DEEPSEEK_OCR2
 from costgraph.graphs.vit import MODEL as VIT
 
-MODELS: dict[str, Model] = {m.name: m for m in (DEEPSEEK_OCR, VIT)}
+MODELS: dict[str, Model] = {m.name: m for m in (DEEPSEEK_OCR, DEEPSEEK_OCR2, VIT)}
 DEFAULT_MODEL = DEEPSEEK_OCR.name
 
 

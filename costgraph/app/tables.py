@@ -60,7 +60,7 @@ def parse_rows(text: str) -> list[tuple[str, tuple[int, int] | None]]:
 
 
 def build_rows(spec, sequence: dict | None = None, variants=None, metrics=METRICS, dtype: str | None = None,
-               model=None, max_num: int = 9, **options) -> list[Row]:
+               model=None, max_num: int | None = None, **options) -> list[Row]:
     """One row per (mode, grid or None): the model's table input for it, every scope x metric exact."""
     model = get_model() if model is None else model
     variants = model.variants() if variants is None else variants
@@ -68,7 +68,7 @@ def build_rows(spec, sequence: dict | None = None, variants=None, metrics=METRIC
     rows = []
     for mode_name, grid in spec:
         mode = model.get_mode(mode_name)
-        point = model.table_point(mode, grid, max_num=max_num, **seq, **options)
+        point = model.table_point(mode, grid, **({} if max_num is None else {"max_num": max_num}), **seq, **options)
         totals = exact_totals(model, mode, point, model.scopes(mode, variants), metrics, variants, dtype or "bf16")
         rows.append(Row(mode.name, tuple(model.table_cells(mode, point)), totals))
     return rows

@@ -15,7 +15,7 @@ import warnings
 from costgraph.io import write_atomic
 from costgraph.render import table
 from costgraph.graphs.deepseek_ocr import assembly as model_graph
-from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MODES, get_mode
+from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, DTYPES, MAX_CROPS, MODES, get_mode
 from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, ROPE, Variants
 from costgraph.graphs.deepseek_ocr.layout import check_grid, layout_for, layout_for_grid
 from costgraph.graphs.pages import PageWarning, page_size
@@ -103,6 +103,8 @@ def _lm_extra(args) -> dict:
 def _request(args):
     from costgraph.verify.runner import Request
 
+    if args.max_num is None:
+        args.max_num = MAX_CROPS
     if args.mode is None:
         modes = list(MODES.values()) if args.all_grids else [get_mode("gundam")]
     else:
@@ -153,6 +155,8 @@ def cmd_verify(args) -> int:
     verify_train_cmd.refuse_settings(args)
     if getattr(args, "model", "deepseek-ocr") == "vit":
         return _verify_vit(args)
+    if getattr(args, "model", "deepseek-ocr") == "deepseek-ocr-2":
+        return _verify_ocr2(args)
 
     lm_profile.register(VERIFIERS)  # decoder.prefill, decoder.decode, decoder, e2e
 
@@ -221,6 +225,76 @@ def _verify_vit(args) -> int:
     print(json.dumps(report.to_json([comp], {"run": {"device": args.device}}), indent=1) if args.json
           else report.text([comp], footer=footer))
     return 0 if comp.ok else EXIT_MISMATCH
+
+
+def _verify_ocr2(args) -> int:
+    """DeepSeek-OCR 2 against transformers' DeepseekOcr2ForConditionalGeneration (random weights).
+
+    --device meta: vision FLOPs node by node (--all-grids: every crop grid and no crops; or one page).
+    --device cpu: a real forward in --dtype (default bf16) of the page (--image through the real processor,
+    else random pixels of the layout): --scope vision compares the vision tower and the image slots, any
+    other scope the whole model (prefill + --decode-steps decode forwards), every metric. --metrics params:
+    the checkpoint's parameters part by part (on meta). Full size: needs about 8 GiB on CPU."""
+    import torch
+    from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2, assembly as A2, layout as L2
+    from costgraph.verify import deepseek_ocr2 as V, report
+
+    if args.symbolic or args.mode not in (None, "default"):
+        raise UserError("--model deepseek-ocr-2 verify: no --symbolic; its one mode is default")
+    max_num = args.max_num if args.max_num is not None else L2.MAX_CROPS
+    groups, compared = _metrics(args)
+    mode = OCR2.get_mode("default")
+    if args.all_grids:
+        lays = [L2.layout_for_grid(w, h, mode) for w, h in L2.all_grids(max_num)]
+    elif args.grid:
+        note = L2.check_grid(args.grid, mode, max_num, args.what_if)
+        if note:
+            print(f"costgraph: note: {note}", file=sys.stderr)
+        lays = [L2.layout_for_grid(*args.grid, mode)]
+    elif args.image:
+        lays = [A2.layout_for_image(args.image, mode, max_num)]
+    else:
+        lays = [L2.layout_for(*args.size, mode, max_num=max_num)]
+    if args.device == "cpu" and len(lays) > 1:
+        raise UserError("--all-grids runs on meta (FLOPs); a CPU run takes one page (--image, --size or --grid)")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]
+    t = time.perf_counter()
+    comps = []
+    if args.device == "meta":
+        model = V.meta_reference()
+        for lay in lays:
+            g, loc = V.synthetic_inputs(lay, "meta")
+            comps.append(V.verify_vision_case(model, lay, g, loc, metrics=False, dtype=dtype, device="meta"))
+    else:
+        model = V.build_reference("cpu", dtype)
+        lay = lays[0]
+        if args.image:
+            lay, g, loc = V.processor_inputs(args.image, max_num)
+        else:
+            g, loc = V.synthetic_inputs(lay, "cpu")
+        if args.scope == "vision":
+            comps.append(V.verify_vision_case(model, lay, g, loc, metrics=True, dtype=dtype, device="cpu"))
+        else:
+            if args.decode_steps < 0 or args.text_tokens < 0:
+                raise UserError("--decode-steps and --text-tokens must be >= 0")
+            comps.append(V.verify_page(model, lay, g, loc, text_tokens=args.text_tokens,
+                                       decode_steps=args.decode_steps, lm_head=args.lm_head,
+                                       metrics=len(compared) > 1 or compared != ("flops",)))
+    if "params" in groups:
+        comps.append(V.compare_params(V.meta_reference()))
+    footer = f"run time {time.perf_counter() - t:.1f} s" + (
+        f", peak RSS {_peak_rss():,} MiB" if args.device == "cpu" else "")
+    if args.report:
+        write_atomic(args.report, report.markdown(comps, command="costgraph --model deepseek-ocr-2 verify",
+                                                  footer=footer))
+    print(json.dumps(report.to_json(comps, {"run": {"device": args.device}}), indent=1) if args.json
+          else report.text(comps, footer=footer))
+    return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def _not_checked(args, groups) -> dict[str, str]:

@@ -157,18 +157,24 @@ def kv_cache_bytes(cfg: LMConfig = LM, context=None) -> sp.Expr:
 # ---- the graph -------------------------------------------------------------------------------
 
 def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop_mode: bool = True,
-          image: Tensor | None = None, experts_hit: sp.Expr | None = None) -> None:
+          image: Tensor | None = None, experts_hit: sp.Expr | None = None, slots: sp.Expr | None = None,
+          scatter: str = "masked_scatter_") -> None:
     """Add `decoder`, `decoder.prefill` and `decoder.decode` to `g`; `image` is the vision output.
 
     `experts_hit`: distinct experts each MoE layer runs in the prefill; None predicts the bound
     (`experts_hit_bound`), `costgraph.symbols.experts_hit` keeps it a symbol (the verifier
     substitutes what the router did). Decode forwards run exactly k.
+
+    `slots`: the image slots of the prompt (default: DeepSeek-OCR's token count for the layout);
+    `scatter`: the op kind writing the image features over their slots' embeddings (another model
+    built on these blocks, e.g. DeepSeek-OCR 2, gives its own).
     """
-    prompt = prompt_length(crop_mode)
+    slots = image_slots(crop_mode) if slots is None else sp.sympify(slots)
+    prompt = 1 + S.text_tokens + slots
     hits = experts_hit_bound(cfg, prompt) if experts_hit is None else sp.sympify(experts_hit)
     g.scope("decoder", doc="the language model: prefill + every decode forward")
     pre = g.scope("decoder.prefill", doc="one forward over the L prompt tokens; yields the first output token")
-    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=image_slots(crop_mode), hits=hits)
+    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=slots, hits=hits, scatter=scatter)
     dec = g.scope("decoder.decode", sum_over=(S.decode_step, 1, S.output_tokens - 1),
                   doc="decode forward t (one new token, context L + t), summed over t = 1..output_tokens-1")
     forward(dec, cfg, variants, tokens=sp.Integer(1), past=decode_context(prompt) - 1,
@@ -176,7 +182,7 @@ def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop
 
 
 def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, past, hits, image: Tensor | None = None,
-            slots=None) -> Tensor:
+            slots=None, scatter: str = "masked_scatter_") -> Tensor:
     """One forward of `tokens` new tokens over a KV cache holding `past` earlier ones (0: the prefill)."""
     prefill = sp.sympify(past) == 0
     hid = cfg.hidden
@@ -186,7 +192,7 @@ def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, past, hits, 
     if prefill:
         # image slots hold placeholder ids; the projector's tokens are written over their embeddings
         feats = image if image is not None else b.input("image_features", (slots, hid))
-        x = b.op("image_scatter", "masked_scatter_", x, feats)
+        x = b.op("image_scatter", scatter, x, feats)
     pos = b.op("position_ids", "position_ids", tokens=tokens, out_itemsize=INDEX)
     mask = None
     if v.attention == "eager":

@@ -22,6 +22,13 @@ symbolic indicators (`when`):
 weights and the position/rel-pos tables are read once per batch, not once per view. `min_batch`:
 the least batch that ever runs (the crops: 2, as a 1x1 layout runs no crops), which decides the
 "more than one sequence" copies of a symbolic batch.
+
+`impl`: whose SAM code runs. "vendor" (the default: DeepSeek-OCR's deepencoder) as above;
+"transformers" is `transformers`' own SAM (`DeepseekOcr2SamVisionEncoder`, DeepSeek-OCR 2's ground
+truth), which differs in bookkeeping only: it always pads the windows (`F.pad`, a copy even with
+nothing to pad), always resizes the rel-pos tables (linear, in the storage dtype, no fp32 casts),
+sums the two rel-pos einsums first and copies the (non-contiguous) sum into the float mask, runs a
+fused `native_layer_norm` between permutes in the neck, and has no clone between the compressor convs.
 """
 from __future__ import annotations
 
@@ -45,16 +52,22 @@ def cast(b: ScopeBuilder, path: str, x: Tensor, size, **attrs) -> Tensor:
 
 # ---- SAM ------------------------------------------------------------------------------------------
 
-def sam(b: ScopeBuilder, pixels: Tensor, patch, cfg: VisionConfig = VISION, min_batch: int = 1) -> Tensor:
+IMPLS = ("vendor", "transformers")
+
+
+def sam(b: ScopeBuilder, pixels: Tensor, patch, cfg: VisionConfig = VISION, min_batch: int = 1,
+        impl: str = "vendor") -> Tensor:
     c = cfg.sam
     x = b.op("sam.patch_embed.proj", "conv2d", pixels, in_channels=c.in_channels, out_channels=c.width,
              kernel=patch, stride=patch)
     bsz, _, g, _ = x.shape
     x = b.op("sam.patch_embed.permute", "permute", x, shape=(bsz, g, g, c.width))
     x = b.op("sam.pos_embed.add", "add", x, position_table(b, g, c.width, c.pretrain_grid))
+    if impl not in IMPLS:
+        raise ValueError(f"unknown SAM implementation {impl!r} (choose from {', '.join(IMPLS)})")
     for i in range(c.depth):
-        x = sam_block(b, x, i, cfg, min_batch)
-    return neck(b, x, cfg)
+        x = sam_block(b, x, i, cfg, min_batch, impl)
+    return neck(b, x, cfg, impl)
 
 
 def position_table(b: ScopeBuilder, g, width, grid) -> Tensor:
@@ -68,7 +81,8 @@ def position_table(b: ScopeBuilder, g, width, grid) -> Tensor:
     return b.op("sam.pos_embed.nhwc", "permute", pos, shape=(1, g, g, width))
 
 
-def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig, min_batch: int = 1) -> Tensor:
+def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig, min_batch: int = 1,
+              impl: str = "vendor") -> Tensor:
     c = cfg.sam
     p = f"sam.blocks.{i}"
     bsz, g, _, d = x.shape
@@ -83,12 +97,13 @@ def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig, min_batch: 
         per_side = ceil_div(g, win)
         padded, several = win * per_side, more_than_one(per_side)
         pad = unequal(padded, g)
-        h = b.op(f"{p}.window_partition.pad", "pad", h, shape=(bsz, padded, padded, d), when=pad)
+        h = b.op(f"{p}.window_partition.pad", "pad", h, shape=(bsz, padded, padded, d),
+                 when=pad if impl == "vendor" else 1)   # transformers pads (copies) even by 0
         seqs, side = bsz * per_side ** 2, sp.Integer(win)
         h = b.op(f"{p}.window_partition", "window_partition", h, shape=(seqs, win, win, d), copy=several)
     table = c.window if i not in c.global_blocks else c.pretrain_grid
     many = 1 if min_batch > 1 else more_than_one(seqs)  # more than one sequence
-    h = attention(b, h, f"{p}.attn", seqs, side, cfg, table, many)
+    h = attention(b, h, f"{p}.attn", seqs, side, cfg, table, many, impl)
     if i not in c.global_blocks:
         h = b.op(f"{p}.window_unpartition", "window_unpartition", h, shape=(bsz, padded, padded, d), copy=several)
         h = b.op(f"{p}.window_unpartition.unpad", "slice", h, shape=(bsz, g, g, d), copy=pad)
@@ -100,7 +115,8 @@ def sam_block(b: ScopeBuilder, x: Tensor, i: int, cfg: VisionConfig, min_batch: 
     return b.op(f"{p}.residual2", "add", x, h)
 
 
-def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig, table: int, several) -> Tensor:
+def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig, table: int, several,
+              impl: str = "vendor") -> Tensor:
     """SAM attention over `seqs` square grids of `side` x `side` tokens, decomposed rel-pos.
 
     `table`: the grid the stored rel-pos tables (2*table - 1, head_dim) were trained for;
@@ -115,17 +131,19 @@ def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig,
     # decides the layouts downstream: q, k, v contiguous per head (else views into qkv).
     qkv = b.op(f"{p}.split_heads", "reshape", qkv, shape=(3, seqs * nh, n, hd), copy=several)
     q = b.op(f"{p}.q", "slice", qkv, shape=(seqs * nh, side, side, hd))
-    rel = [rel_pos_table(b, f"{p}.rel_pos_{axis}", side, table, hd) for axis in "hw"]
+    rel = [rel_pos_table(b, f"{p}.rel_pos_{axis}", side, table, hd, impl) for axis in "hw"]
     # The einsums use the unscaled q. torch lines up the batch dim of each for bmm: for `h` it
     # always copies q; for `w` only when q is a view into qkv (one sequence).
     eh = b.op(f"{p}.rel_h", "einsum", q, rel[0], equation="bhwc,hkc->bhwk", copies=(0,))
     ew = b.op(f"{p}.rel_w", "einsum", q, rel[1], equation="bhwc,wkc->bhwk", copies=((0, 1 - several),))
     # Both come out as permuted views; the vendor reshapes each (a copy) before the broadcast
     # sum, which materialises the float mask (seqs*heads, N, side, side), contiguous.
-    eh = b.op(f"{p}.rel_h.flat", "reshape", eh, shape=(seqs * nh, n, side, 1), copy=True)
-    ew = b.op(f"{p}.rel_w.flat", "reshape", ew, shape=(seqs * nh, n, 1, side), copy=True)
+    # transformers adds the permuted einsum results as they are and copies the sum into the mask.
+    vendor = impl == "vendor"
+    eh = b.op(f"{p}.rel_h.flat", "reshape", eh, shape=(seqs * nh, n, side, 1), copy=vendor)
+    ew = b.op(f"{p}.rel_w.flat", "reshape", ew, shape=(seqs * nh, n, 1, side), copy=vendor)
     mask = b.op(f"{p}.rel_pos_mask", "add", eh, ew)
-    mask = b.op(f"{p}.rel_pos_mask.view", "reshape", mask, shape=(seqs, nh, n, n))
+    mask = b.op(f"{p}.rel_pos_mask.view", "reshape", mask, shape=(seqs, nh, n, n), copy=not vendor)
     heads = [b.op(f"{p}.{t}_heads", "slice", qkv, shape=(seqs, nh, n, hd)) for t in "qkv"]
     o = b.op(f"{p}.sdpa", "sdpa", *heads, mask)
     # The CPU kernel lays its output out like q: heads interleaved per token when q is a view into
@@ -134,34 +152,39 @@ def attention(b: ScopeBuilder, x: Tensor, p: str, seqs, side, cfg: VisionConfig,
     return b.op(f"{p}.proj", "linear", o, in_features=d, out_features=d)
 
 
-def rel_pos_table(b: ScopeBuilder, p: str, side, table: int, hd) -> Tensor:
+def rel_pos_table(b: ScopeBuilder, p: str, side, table: int, hd, impl: str = "vendor") -> Tensor:
     """The stored (2*table - 1, hd) table, linearly resized (in fp32) to 2*side - 1 rows when the
-    lengths differ, gathered to (side, side, hd) by the relative coordinates."""
+    lengths differ, gathered to (side, side, hd) by the relative coordinates. transformers'
+    SAM resizes always, in the storage dtype."""
     stored, length = 2 * table - 1, 2 * side - 1
-    resize = unequal(length, stored)
+    vendor = impl == "vendor"
+    resize = unequal(length, stored) if vendor else 1
     t = b.input(p, (stored, hd), param=True)
-    t = cast(b, f"{p}.to_fp32", t, FLOAT32, when=resize)
+    if vendor:
+        t = cast(b, f"{p}.to_fp32", t, FLOAT32, when=resize)
     t = b.op(f"{p}.ncl", "permute", t, shape=(1, hd, stored))
     t = b.op(f"{p}.resize", "interpolate", t, mode="linear", size=(length,), when=resize)
-    t = cast(b, f"{p}.to_storage", t, S.dtype_bytes, when=resize)
+    if vendor:
+        t = cast(b, f"{p}.to_storage", t, S.dtype_bytes, when=resize)
     t = b.op(f"{p}.rows", "permute", t, shape=(length, hd))
     idx = b.op(f"{p}.coords", "rel_pos_coords", size=side, itemsize=INT64)
     return b.op(f"{p}.gather", "index", t, idx)
 
 
-def neck(b: ScopeBuilder, x: Tensor, cfg: VisionConfig) -> Tensor:
+def neck(b: ScopeBuilder, x: Tensor, cfg: VisionConfig, impl: str = "vendor") -> Tensor:
     c = cfg.sam
     bsz, g, _, _ = x.shape
     p = "sam.neck"
     x = b.op(f"{p}.nchw", "permute", x, shape=(bsz, c.width, g, g))
     x = b.op(f"{p}.0", "conv2d", x, in_channels=c.width, out_channels=c.neck_channels, kernel=1, bias=False)
-    x = layer_norm_2d(b, f"{p}.1", x, c.layer_norm_eps)
+    norm = layer_norm_2d if impl == "vendor" else channel_layer_norm
+    x = norm(b, f"{p}.1", x, c.layer_norm_eps)
     x = b.op(f"{p}.2", "conv2d", x, in_channels=c.neck_channels, out_channels=c.neck_channels, kernel=3,
              padding=1, bias=False)
-    x = layer_norm_2d(b, f"{p}.3", x, c.layer_norm_eps)
+    x = norm(b, f"{p}.3", x, c.layer_norm_eps)
     ch = c.neck_channels
     for k, out_ch in enumerate(c.compressor_channels):  # vendor names: net_2, net_3
-        if k > 0:
+        if k > 0 and impl == "vendor":
             # The vendor runs `net_3(x2.clone())` (SPEC section 4, step 5): one copy of net_2's
             # output (B, 512, g/2, g/2) at the storage dtype between the two convs.
             x = b.op(f"sam.net_{k + 1}.clone", "clone", x)
@@ -169,6 +192,14 @@ def neck(b: ScopeBuilder, x: Tensor, cfg: VisionConfig) -> Tensor:
                  stride=c.compressor_stride, padding=1, bias=False)
         ch = out_ch
     return x
+
+
+def channel_layer_norm(b: ScopeBuilder, p: str, x: Tensor, eps) -> Tensor:
+    """transformers' channels-first LayerNorm: a fused layer norm over the channels between two permutes."""
+    bsz, ch, h, w = x.shape
+    x = b.op(f"{p}.nhwc", "permute", x, shape=(bsz, h, w, ch))
+    x = b.op(p, "layer_norm", x, eps=eps)
+    return b.op(f"{p}.nchw", "permute", x, shape=(bsz, ch, h, w))
 
 
 def layer_norm_2d(b: ScopeBuilder, p: str, x: Tensor, eps) -> Tensor:

@@ -1,0 +1,53 @@
+"""DeepSeek-OCR 2's language model: DeepSeek-OCR's DeepSeek-V2 blocks (`costgraph.graphs.deepseek_ocr.decoder`:
+the same attention, dense and MoE layers, 2 shared experts fused into one 1792-wide SwiGLU, fp32 router,
+eager experts loop) parameterised, not copied. The release's sizes are DeepSeek-OCR's (`config.LM`).
+
+What differs from DeepSeek-OCR's modelled vendor path, because the ground truth is `transformers`'
+`DeepseekOcr2ForConditionalGeneration`:
+- RoPE: cos/sin computed once per forward (`rope="once"`), not recomputed in every layer;
+- the prompt's image slots: 256 + 144 x crops + 1 (no newlines);
+- the image features are merged by `DeepseekOcr2Model.forward`: the placeholder mask
+  (`input_ids == image_token_id`), the token-count check and an out-of-place `masked_scatter`
+  (`placeholder_scatter`), where the vendor's code runs an in-place `masked_scatter_`;
+- lm_head: `generate()` passes `logits_to_keep=1` (the last position, `lm_head="last"`, the default);
+  a plain forward computes every position (`lm_head="all"`).
+Attention: eager (full L x L scores) is what the CPU reference runs and the default; `transformers`'
+default implementation is SDPA (no separate variant here: `flash` counts the causal half, `eager` the
+full square that torch's FLOP counter also reports for SDPA).
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from costgraph.graph import CostGraph, Tensor
+from costgraph.graphs.deepseek_ocr import decoder as blocks
+from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, Variants  # noqa: F401
+from . import ops  # noqa: F401  (registers placeholder_scatter)
+from .config import LM
+from costgraph.graphs.deepseek_ocr.config import LMConfig
+
+DEFAULT = Variants(attention="eager", lm_head="last", rope="once")
+
+
+def variants(**options) -> Variants:
+    if "rope" in options and options["rope"] != "once":
+        raise ValueError("DeepSeek-OCR 2's transformers code computes the RoPE tables once per forward: no rope variant")
+    options.pop("rope", None)
+    return Variants(**{"attention": DEFAULT.attention, "lm_head": DEFAULT.lm_head, **options}, rope="once")
+
+
+def build(g: CostGraph, cfg: LMConfig = LM, v: Variants = DEFAULT, *, image: Tensor | None, slots: sp.Expr,
+          experts_hit=None) -> None:
+    blocks.build(g, cfg, v, image=image, slots=slots, scatter="placeholder_scatter", experts_hit=experts_hit)
+
+
+def kv_cache_bytes_per_token(cfg: LMConfig = LM) -> sp.Expr:
+    return blocks.kv_cache_bytes_per_token(cfg)
+
+
+def kv_cache_bytes(context, cfg: LMConfig = LM) -> sp.Expr:
+    return blocks.kv_cache_bytes(cfg, context)
+
+
+def experts_hit_bound(cfg: LMConfig, tokens) -> sp.Expr:
+    return blocks.experts_hit_bound(cfg, tokens)
