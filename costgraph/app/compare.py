@@ -108,7 +108,7 @@ def compare_models(models, labels, widths, heights, *, args, hw: Hardware) -> di
     per_model = {}
     for m in models:
         mode = m.get_mode(m.default_mode)
-        scopes = m.expand_scopes(tuple(m.composites))
+        scopes = m.expand_scopes(tuple(c for c in m.composites if c in m.scopes(mode)))
         seq = _sequence(m, args)
         try:
             sw = sweep_pages(mode.name, widths, heights, args.max_num, seq, labels=labels, scopes=scopes,
