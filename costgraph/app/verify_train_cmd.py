@@ -12,7 +12,7 @@ import sys
 import time
 
 from costgraph.graphs.deepseek_ocr import MODEL
-from costgraph.graphs.deepseek_ocr.config import get_mode
+from costgraph.graphs.deepseek_ocr.config import MAX_CROPS, get_mode
 from costgraph.graphs.deepseek_ocr.decoder import TRAIN
 from costgraph.graphs.deepseek_ocr.layout import layout_for, layout_for_grid
 from costgraph.render import table
@@ -46,12 +46,13 @@ def _variants(args):
 
 
 def _layout(args, mode):
+    max_num = MAX_CROPS if args.max_num is None else args.max_num
     if args.image:
         from costgraph.graphs.deepseek_ocr import assembly
-        return assembly.layout_for_image(args.image, mode, args.max_num)
+        return assembly.layout_for_image(args.image, mode, max_num)
     if args.grid:
         return layout_for_grid(*args.grid, mode)
-    return layout_for(*args.size, mode, max_num=args.max_num)
+    return layout_for(*args.size, mode, max_num=max_num)
 
 
 def check(args) -> None:
