@@ -9,7 +9,8 @@ every op, the backward's included, to the forward call that created it):
 - the vision encoder on `meta` (counts only, as in inference) for each of the B pages: forward
   under no_grad when vision does not train (`lm`, `lora`), else forward and a backward seeded with a
   gradient for the image slots (what the LM hands back), SAM's parameters frozen for
-  `lm+clip+projector`. A meta run takes the CPU's SDPA kernel (`backward.CpuSdpaOnMeta`).
+  `lm+clip+projector`. A meta run takes the fused SDPA kernel the vendor runs (`backward.VendorSdpaOnMeta`: the
+  memory-efficient kernel for SAM's rel-pos mask when SAM trains).
 
 Mapping: a graph node `backward.X` is the gradient of forward node X: its claims are X's (the same
 reference module, torch call and call occurrence), selected among the backward ops. Vision claims
