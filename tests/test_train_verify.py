@@ -168,3 +168,35 @@ def test_small_lm_training_memory_against_the_graph():
 def test_bad_training_requests_are_refused(cli, argv, message):
     code, out, err = cli("verify", "--size", "600x600", *argv)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# modules whose backward is not exact yet (see costgraph.verify.train_metrics): the root's in-place
+# masked_scatter_ on a per-sequence view (CopySlices), the MoE's write-back (the first expert's rows:
+# data-dependent), the router (the aux loss's second input is given a gradient by the graph)
+NOT_EXACT_BACKWARD = (r"backward\.decoder:<root>", r"backward\.decoder:model\.layers\.\d+\.mlp",
+                      r"backward\.decoder:model\.layers\.\d+\.mlp\.gate")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])   # fp32: see NOT_EXACT_BACKWARD's note in the report
+def test_small_lm_training_elementwise_and_bytes_are_exact_per_module(dtype):
+    """Forward (the training MoE path, loss, every module) exact in elementwise FLOPs and bytes read and
+    written; backward exact for every module but the listed ones (norms, attention with RoPE and the
+    heads' copies, projections, experts, shared experts, lm_head, loss, embedding)."""
+    import re
+
+    v = _train("full")
+    model = build_training_lm(SMALL, dtype)
+    apply_setting(model, v)
+    req = T.TrainRequest(GUNDAM, PAGE, v, text_tokens=6, batch=1, cfg=SMALL, dtype=dtype)
+    comp = T.verify_decoder(req, model, ("flops", "elementwise_flops", "bytes_read", "bytes_written"))
+    metric_rows = [r for r in comp.rows if r.metric != "flops"]
+    forward = [r for r in metric_rows if r.node.startswith("decoder:")]
+    backward = [r for r in metric_rows if r.node.startswith("backward.decoder:")]
+    assert forward and all(r.ok for r in forward), [(r.node, r.metric, r.predicted, r.measured)
+                                                   for r in forward if not r.ok]
+    checked = [r for r in backward if not any(re.fullmatch(p, r.node) for p in NOT_EXACT_BACKWARD)]
+    assert len(checked) > 40 and all(r.ok for r in checked), [(r.node, r.metric, r.predicted, r.measured)
+                                                             for r in checked if not r.ok]
+    totals = {(r.node, r.metric): r for r in comp.subtotals}
+    assert all(totals[("decoder", m)].ok for m in ("elementwise_flops", "bytes_read", "bytes_written"))
+    assert not comp.unclaimed
