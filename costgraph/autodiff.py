@@ -121,8 +121,8 @@ def add_backward(g: CostGraph, loss: str, scopes: Mapping[str, str], trains: Cal
         cost, saved = ops.backward(d["kind"], specs, _formula_attrs(d["kind"], d["attrs"]), grads_of[n], weight_grad)
         extra = len(sources.get(n, ())) - 1
         if extra > 0:   # gradients from several consumers added before this backward runs
-            out = sp.sympify(d["cost"].activation_bytes)
             elements = ops.prod(d["out_shape"])
+            out = sp.expand(elements * d["out_itemsize"])   # the gradient's size (a view's output too)
             cost = cost + Cost(elementwise_flops=extra * elements, bytes_read=2 * extra * out,
                                bytes_written=extra * out)
         reads = [made[c] for c in sources.get(n, ()) if c in made]

@@ -64,6 +64,9 @@ ZERO = (
     "transpose", "t", "expand", "unsqueeze", "squeeze", "select", "slice", "unbind", "split",
     "split_with_sizes", "chunk", "alias", "detach", "as_strided", "reshape", "_reshape_alias",
     "resize_", "set_", "scatter_", "masked_scatter_",
+    # backward data movement: a slice's/select's gradient written into zeros of the input's shape, the
+    # uninitialised buffer in-place ops' backward copy into, masked_scatter's source gradient (a select)
+    "slice_backward", "select_backward", "new_empty_strided", "masked_scatter_backward",
 )
 
 FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
@@ -82,7 +85,11 @@ FLOPS_PER_ELEMENT: dict[str, tuple[int, str]] = {
     # backward kernels (autograd's aten ops): an activation's derivative times the incoming gradient
     # is one op (1 per element, like its forward); fused ones are the sum of their parts
     **{op: (1, OUT) for op in ("gelu_backward", "silu_backward", "sigmoid_backward", "tanh_backward",
-                               "threshold_backward", "masked_fill_", "index_put_acc")},
+                               "threshold_backward", "masked_fill_")},
+    # index_put(_) with accumulate=True (the dispatch recorder names it so): one add per value put
+    "index_put_acc": (1, "source"),
+    "index_put": (0, OUT),
+    "embedding_dense_backward": (1, IN),     # one add per gradient element, into its id's row                   # without accumulate: a write of the values (data movement)
     "_softmax_backward_data": (4, OUT),      # grad * out, row sum, subtract, multiply
     "_log_softmax": (5, IN),                 # max, subtract, exp, sum, log-subtract
     "_log_softmax_backward_data": (4, OUT),  # exp(out), row sum of grad, multiply, subtract

@@ -769,13 +769,15 @@ def expert_rows(x, idx, *, experts):
 
 @register("expert_scatter")
 def expert_scatter(rows, idx, *, experts):
-    """y = empty_like(x); y[flat_topk_idx == i] = expert_i(rows) for every expert: per expert an `eq`, the
-    mask read whole and the expert's rows written (index_put_ with a boolean mask)."""
+    """y = empty_like(x) (under the conventions it reads and writes x's footprint); then y[flat_topk_idx ==
+    i] = expert_i(rows) for every expert: per expert an `eq`, and index_put_ with a boolean mask, which
+    reads the mask and the expert's rows and (in place) writes y whole: the mutated argument's footprint."""
     slots, width = rows[0], rows[-1]
     b = itemsize(rows)
-    cost = _cost(ew=experts * ew("eq", slots), read=experts * INT64 * slots, written=experts * BOOL * slots)
-    cost += _cost(read=experts * BOOL * slots + slots * width * b, written=slots * width * b,
-                  out=slots * width * b)
+    full = slots * width * b
+    cost = _cost(read=full, written=full)
+    cost += _cost(ew=experts * ew("eq", slots), read=experts * INT64 * slots, written=experts * BOOL * slots)
+    cost += _cost(read=experts * BOOL * slots + full, written=experts * full, out=full)
     return (slots, width), cost
 
 
@@ -801,8 +803,8 @@ def aux_loss(scores, idx, *, experts, k, batch):
     slots, counts = tokens * k, batch * experts
     f = FLOAT32
     cost = (_cost(written=f * counts + f * slots)                                              # zeros, ones
-            + _cost(ew=ew("scatter_add_", slots), read=f * counts + INT64 * slots + f * slots, written=f * counts)
-            + _cost(ew=ew("div", counts), read=f * counts, written=f * counts)
+            + _cost(ew=ew("scatter_add_", slots), read=INT64 * slots + f * slots, written=f * counts)   # in place
+            + _cost(ew=ew("div", counts), written=f * counts)                                          # div_
             + _cost(ew=ew("mean", tokens * experts), read=f * tokens * experts, written=f * counts)
             + _cost(ew=ew("mul", counts), read=2 * f * counts, written=f * counts)
             + _cost(ew=ew("sum", counts) + ew("mean", batch) + ew("mul", 1),
@@ -831,7 +833,9 @@ def nll_loss(log_probs, **attrs):
     per row and the int64 labels, writes the scalar loss and its total weight (fp32)."""
     rows = prod(log_probs[:-1])
     b = itemsize(log_probs)
-    return (), _cost(ew=ew("nll_loss_forward", rows), read=rows * (b + INT64), written=2 * b, out=b)
+    pad = _cost(read=rows * INT64, written=(rows + log_probs[0]) * INT64)   # labels padded by one per sequence
+    return (), pad + _cost(ew=ew("nll_loss_forward", rows), read=nbytes(log_probs) + rows * INT64, written=2 * b,
+                           out=b)
 
 
 # ---- backward formulas ---------------------------------------------------------------------------
@@ -1143,19 +1147,20 @@ def rms_norm_backward(x, *, grads, weight_grad, eps):
     """The backward of the fp32 composite (weight * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)): the
     weight multiply's gradients (grad * w; grad * normed, summed over rows when trained), the casts'
     backward, the product's (grad * rstd; grad * x32 summed per row), rsqrt's and mean's per row and
-    broadcast back, pow's (2 x grad x), and the two paths into x32 added."""
+    broadcast back, pow's (x^1, times 2, times grad: aten's pow_backward), and the two paths into x32
+    added."""
     rows, h = prod(x[:-1]), x[-1]
     n, b = rows * h, itemsize(x)
     f = FLOAT32
     cost = _cost(ew=ew("mul", n), read=n * b + h * b, written=n * b)                          # grad * weight
-    if weight_grad:
-        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * b, written=n * b + h * b)  # grad * normed
+    if weight_grad:   # grad * normed, then its row sum (reads the product)
+        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * b + n * b, written=n * b + h * b)
     cost += (_cast(n, b, f)
              + _cost(ew=ew("mul", n), read=n * f + rows * f, written=n * f)                  # grad * rstd
-             + _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * f, written=n * f + rows * f)
-             + _cost(ew=3 * ew("mul", rows), read=3 * rows * f, written=3 * rows * f)        # rsqrt'
+             + _cost(ew=ew("mul", n) + ew("sum", n), read=2 * n * f + n * f, written=n * f + rows * f)
+             + _cost(ew=3 * ew("mul", rows), read=4 * rows * f, written=3 * rows * f)        # rsqrt': pow, mul, mul
              + _cost(ew=ew("div", n), read=rows * f, written=n * f)                          # mean': expand / h
-             + _cost(ew=2 * ew("mul", n), read=2 * n * f + n * f, written=2 * n * f)          # pow': 2 x grad
+             + _cost(ew=3 * ew("mul", n), read=4 * n * f, written=3 * n * f)                  # pow': x^1, x 2, x grad
              + _cost(ew=ew("add", n), read=2 * n * f, written=n * f)                          # two paths
              + _cast(n, f, b))
     return Grad(_with_output(cost, n * b), [0])
@@ -1163,8 +1168,9 @@ def rms_norm_backward(x, *, grads, weight_grad, eps):
 
 @register_backward("rope_apply")
 def rope_apply_backward(x, tables, *, grads, weight_grad):
-    """grad * cos, grad * sin, rotate_half's backward (the halves swapped, one negated: neg and cat),
-    and the two paths added."""
+    """grad * cos, grad * sin, rotate_half's backward (the halves swapped, one negated: neg and cat's
+    backward; then each half's slice_backward writes a full-size gradient, zeros elsewhere, and autograd
+    adds the two), and the two paths added."""
     n, b = numel(x), itemsize(x)
     table = prod(tables[1:]) * itemsize(tables)
     if not grads[0]:
@@ -1172,7 +1178,8 @@ def rope_apply_backward(x, tables, *, grads, weight_grad):
     cost = (_cost(ew=ew("mul", n), read=n * b + table, written=n * b)
             + _cost(ew=ew("mul", n), read=n * b + table, written=n * b)
             + _cost(ew=ew("neg", n / 2), read=n / 2 * b, written=n / 2 * b)
-            + _cost(read=n * b, written=n * b)
+            + _cost(read=n * b, written=2 * n * b)                                  # 2 x slice_backward
+            + _cost(ew=ew("add", n), read=2 * n * b, written=n * b)                 # the halves' sum
             + _cost(ew=ew("add", n), read=2 * n * b, written=n * b))
     return Grad(_with_output(cost, n * b), [1])
 
@@ -1205,8 +1212,22 @@ def cast_backward(x, *, grads, weight_grad, out_itemsize=None, dtype=None):
                    "cat", "clone", "heads_merge")
 def view_backward(*xs, grads, weight_grad, **attrs):
     """A view's gradient is a view of the gradient; clone's and contiguous' pass it through; pad's and
-    cat's are slices of it (views): no kernel."""
+    cat's are slices of it (views): no kernel. One exception: a split into heads (B, L, H*D) ->
+    (B, H, L, D) is a view then a transpose, so the gradient reaching the view is transposed and its
+    reshape back copies it (`heads_split`)."""
+    if grads and grads[0] and heads_split(xs[0], attrs.get("shape")):
+        n = numel(xs[0]) * itemsize(xs[0])
+        return Grad(_cost(read=n, written=n, out=n))
     return Grad(Cost())
+
+
+def heads_split(x: Shape, shape) -> bool:
+    """Whether a reshape (B, L, H*D) -> (B, H, L, D) (H > 1) is a split into attention heads."""
+    if shape is None or len(x) != 3 or len(shape) != 4:
+        return False
+    same = lambda a, b: sp.simplify(sp.sympify(a) - sp.sympify(b)) == 0
+    return (same(shape[0], x[0]) and same(shape[2], x[1]) and same(shape[1] * shape[3], x[2])
+            and sp.sympify(shape[1]) != 1)
 
 
 @register_backward("index")
@@ -1225,13 +1246,13 @@ def index_backward(table, idx, *, grads, weight_grad):
 
 @register_backward("embedding")
 def embedding_backward(ids, *, grads, weight_grad, num_embeddings, embedding_dim, out_itemsize=S.dtype_bytes):
-    """aten.embedding_dense_backward (only when the table trains): zeros of the table, then the
-    gradient rows added at their ids."""
+    """aten.embedding_dense_backward (only when the table trains): one kernel reading the ids and the
+    gradient rows, adding each row at its id, writing the table's gradient."""
     if not weight_grad:
         return Grad(Cost())
     table = num_embeddings * embedding_dim * out_itemsize
     n = numel(ids) * embedding_dim
-    return Grad(_cost(ew=ew("index_put_acc", n), read=nbytes(ids) + n * out_itemsize, written=2 * table), [0])
+    return Grad(_cost(ew=ew("embedding_dense_backward", n), read=nbytes(ids) + n * out_itemsize, written=table), [0])
 
 
 @register_backward("masked_scatter_")
@@ -1268,28 +1289,41 @@ def moe_repeat_backward(x, *, grads, weight_grad, k):
 
 @register_backward("expert_rows")
 def expert_rows_backward(x, idx, *, grads, weight_grad, experts):
-    """Per expert, x[mask]'s backward: zeros of x's shape, the expert's row gradients put at the mask
-    (index_put_ with accumulate), and the experts' gradients of x added up: 1 + 1 adds per row element
-    and a full write (zeros) and read (the sum) of x per expert."""
+    """Per expert, x[mask]'s backward: `new_zeros` of x's shape (called on the rows' gradient: reads it),
+    the rows' gradient put at the mask (index_put with accumulate: reads the zeros, the mask and the
+    rows, one add per row element, writes x's shape), and the experts' E gradients of x summed by
+    autograd (E - 1 adds of x's size)."""
     if not grads[0]:
         return Grad(Cost())
     slots, width = x[0], x[-1]
     b = itemsize(x)
     full = slots * width * b
-    cost = _cost(ew=ew("index_put_acc", slots * width) + experts * ew("add", slots * width),
-                 read=experts * (BOOL * slots + full) + full, written=2 * experts * full, out=full)
+    cost = (_cost(read=full, written=experts * full)
+            + _cost(ew=ew("index_put_acc", slots * width), read=experts * (full + BOOL * slots) + full,
+                    written=experts * full)
+            + _cost(ew=(experts - 1) * ew("add", slots * width), read=2 * (experts - 1) * full,
+                    written=(experts - 1) * full, out=full))
     return Grad(cost, [1])
 
 
 @register_backward("expert_scatter")
 def expert_scatter_backward(rows, idx, *, grads, weight_grad, experts):
-    """Per expert, the gradient of its rows: the output gradient at the expert's mask (a boolean gather)."""
+    """Per expert, the gradient of its rows: the output gradient at the expert's mask (a boolean gather).
+    Every put but the first (y = empty_like(x) needs no gradient) also hands the y it overwrote a
+    gradient: zeros of the put rows' shape, then index_put of them at the mask into the gradient
+    (reads it whole, the mask and the zeros; writes y's shape). The zeros' rows are those of experts
+    1..E-1: data-dependent; counted as all k*T rows (the data-independent total), so the reference
+    reads and writes the first expert's rows x width fewer bytes than predicted (see
+    costgraph.verify.train_metrics)."""
     if not grads[0]:
         return Grad(Cost())
     slots, width = rows[0], rows[-1]
     b = itemsize(rows)
-    return Grad(_cost(read=experts * BOOL * slots + slots * width * b, written=slots * width * b,
-                      out=slots * width * b), [1])
+    full = slots * width * b
+    cost = (_cost(read=experts * BOOL * slots + full, written=full, out=full)
+            + _cost(written=full)
+            + _cost(read=(experts - 1) * (full + BOOL * slots) + full, written=(experts - 1) * full))
+    return Grad(cost, [1])
 
 
 @register_backward("weighted_sum")
@@ -1304,7 +1338,7 @@ def weighted_sum_backward(y, w, *, grads, weight_grad, k, out_itemsize=S.dtype_b
         cost += _cost(ew=ew("mul", n), read=FLOAT32 * tokens * width + nbytes(w), written=FLOAT32 * n)
         cost += _cast(n, FLOAT32, itemsize(y))
     if grads[1]:
-        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=FLOAT32 * tokens * width + nbytes(y),
+        cost += _cost(ew=ew("mul", n) + ew("sum", n), read=FLOAT32 * tokens * width + nbytes(y) + FLOAT32 * n,
                       written=FLOAT32 * n + nbytes(w))
     out = (n * itemsize(y) if grads[0] else 0) + (nbytes(w) if grads[1] else 0)
     return Grad(_with_output(cost, out), [0, 1])
@@ -1312,18 +1346,27 @@ def weighted_sum_backward(y, w, *, grads, weight_grad, k, out_itemsize=S.dtype_b
 
 @register_backward("aux_loss")
 def aux_loss_backward(scores, idx, *, grads, weight_grad, experts, k, batch):
-    """The balance loss's gradient into the routing scores: the mean's and the product's backward
-    (alpha x counts / tokens per score element): two ops over the scores."""
+    """The balance loss's gradient into the routing scores, op by op back from the scalar: x alpha (mul),
+    the batch mean's (div over the batch), the sum's (a broadcast view) and the product's (x counts,
+    per sequence and expert), the token mean's (div, expanded over the scores)."""
     if not grads[0]:
         return Grad(Cost())
-    n = numel(scores)
-    return Grad(_cost(ew=2 * ew("mul", n), read=2 * FLOAT32 * n, written=FLOAT32 * n, out=FLOAT32 * n))
+    n, counts, f = numel(scores), batch * experts, FLOAT32
+    cost = (_cost(ew=ew("mul", 1), read=f, written=f)
+            + _cost(ew=ew("div", batch), read=f, written=f * batch)
+            + _cost(ew=ew("mul", counts), read=f * batch + f * counts, written=f * counts)
+            + _cost(ew=ew("div", n), read=f * counts, written=f * n))
+    return Grad(_with_output(cost, f * n))
 
 
 @register_backward("attach_loss")
 def attach_loss_backward(x, loss, *, grads, weight_grad):
-    """The gradient of y passes through; the auxiliary loss gets a scalar one (torch.ones(1))."""
-    return Grad(_cost(written=itemsize(loss)) if len(grads) > 1 and grads[1] else Cost())
+    """The gradient of y passes through; the auxiliary loss gets a one (torch.ones(1)), which autograd
+    sums to the loss's scalar shape (a sum over one element)."""
+    if not (len(grads) > 1 and grads[1]):
+        return Grad(Cost())
+    b = itemsize(loss)
+    return Grad(_cost(written=b) + _cost(ew=ew("sum", 1), read=b, written=b, out=b))
 
 
 @register_backward("log_softmax")
@@ -1335,13 +1378,16 @@ def log_softmax_backward(x, *, grads, weight_grad, **attrs):
 
 @register_backward("nll_loss")
 def nll_loss_backward(log_probs, *, grads, weight_grad, **attrs):
-    """aten.nll_loss_backward: zeros of the log-probabilities' shape, -1/n written at each row's label."""
+    """The seed (`ones_like(loss)`: backward's first gradient), then aten.nll_loss_backward: reads the
+    seed, the log-probabilities (its self argument), the labels and the total weight; writes -1/n at
+    each row's label, zeros elsewhere."""
     rows = prod(log_probs[:-1])
     b = itemsize(log_probs)
     if not grads[0]:
         return Grad(Cost())
-    return Grad(_cost(ew=ew("nll_loss_backward", rows), read=rows * INT64 + b, written=nbytes(log_probs),
-                      out=nbytes(log_probs)))
+    return Grad(_cost(read=b, written=b) + _cost(ew=ew("nll_loss_backward", rows),
+                                                 read=nbytes(log_probs) + rows * INT64 + 2 * b,
+                                                 written=nbytes(log_probs), out=nbytes(log_probs)))
 
 
 def backward(kind: str, inputs: Sequence[Shape], attrs: dict, grads: tuple, weight_grad: bool) -> Grad:

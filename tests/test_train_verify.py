@@ -92,9 +92,12 @@ def test_backward_ops_belong_to_the_module_that_created_them():
     assert all(o.section == "backward.s" for o in step.ops if o.where.phase == BACKWARD)
 
 
-def test_meta_runs_take_the_cpu_sdpa_kernel():
-    """On meta, a mask that needs no gradient: the CPU flash kernel (backward counted 2.5x the forward,
-    torch's formula); a mask that needs one: the math path on CPU and on meta alike (2x)."""
+def test_meta_runs_take_the_vendors_fused_sdpa_kernel():
+    """On meta, SDPA takes a fused kernel (backward counted 2.5x the forward, torch's formula, which
+    recomputes the scores): the CPU flash kernel when the mask needs no gradient (as a CPU run
+    does), the memory-efficient kernel (the vendor's GPU) when it needs one (SAM's rel-pos bias
+    under --train full), which hands back the mask's gradient. CPU has no such kernel: with a mask
+    that needs a gradient it takes the math path (2x)."""
     def count(device, mask_grad):
         q, k, v = (torch.randn(1, 2, 16, 8, device=device, requires_grad=True) for _ in range(3))
         mask = torch.randn(1, 2, 16, 16, device=device, requires_grad=mask_grad)
@@ -106,12 +109,25 @@ def test_meta_runs_take_the_cpu_sdpa_kernel():
         fwd = sum(o.flops for o in step.flops if o.where.phase == FORWARD)
         bwd = sum(o.flops for o in step.flops if o.where.phase == BACKWARD)
         assert {o.where.tag.call for o in step.flops} == {"scaled_dot_product_attention"}
+        assert (mask.grad is not None) == mask_grad and (not mask_grad or mask.grad.shape == mask.shape)
         return ops, fwd, bwd
 
-    for mask_grad, ratio in ((False, 2.5), (True, 2)):
-        meta, cpu = count("meta", mask_grad), count("cpu", mask_grad)
-        assert meta == cpu
-        assert cpu[2] == ratio * cpu[1] == ratio * 2 * 2 * 2 * 16 * 16 * 8
+    forward = 2 * 2 * 2 * 16 * 16 * 8
+    meta, cpu = count("meta", False), count("cpu", False)
+    assert meta == cpu and meta[2] == 2.5 * meta[1] == 2.5 * forward
+    meta, cpu = count("meta", True), count("cpu", True)
+    assert meta[0] == ["_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"]
+    assert meta[1:] == (forward, 2.5 * forward)
+    assert cpu[0] == ["bmm"] and cpu[1:] == (forward, 2 * forward)
+
+
+def test_full_vision_training_step_matches_the_graph_node_by_node():
+    """--train full on meta (one 600x600 page: the global view): SAM trains, so its rel-pos mask
+    needs a gradient; every node, SAM's SDPA backward included, equals the graph exactly."""
+    comp = T.verify_vision(T.TrainRequest(GUNDAM, PAGE, _train("full")))
+    assert comp.ok, [(r.node, r.predicted, r.measured) for r in comp.failures()][:5] + comp.unclaimed[:5]
+    sdpa = [r for r in comp.rows if r.node.startswith("backward.") and "sam." in r.node and r.node.endswith(".sdpa")]
+    assert len(sdpa) == 12 and all(r.measured > 0 for r in sdpa)
 
 
 @pytest.mark.parametrize("setting", ["full", "lora"])
@@ -152,3 +168,35 @@ def test_small_lm_training_memory_against_the_graph():
 def test_bad_training_requests_are_refused(cli, argv, message):
     code, out, err = cli("verify", "--size", "600x600", *argv)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# modules whose backward is not exact yet (see costgraph.verify.train_metrics): the root's in-place
+# masked_scatter_ on a per-sequence view (CopySlices), the MoE's write-back (the first expert's rows:
+# data-dependent), the router (the aux loss's second input is given a gradient by the graph)
+NOT_EXACT_BACKWARD = (r"backward\.decoder:<root>", r"backward\.decoder:model\.layers\.\d+\.mlp",
+                      r"backward\.decoder:model\.layers\.\d+\.mlp\.gate")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])   # fp32: see NOT_EXACT_BACKWARD's note in the report
+def test_small_lm_training_elementwise_and_bytes_are_exact_per_module(dtype):
+    """Forward (the training MoE path, loss, every module) exact in elementwise FLOPs and bytes read and
+    written; backward exact for every module but the listed ones (norms, attention with RoPE and the
+    heads' copies, projections, experts, shared experts, lm_head, loss, embedding)."""
+    import re
+
+    v = _train("full")
+    model = build_training_lm(SMALL, dtype)
+    apply_setting(model, v)
+    req = T.TrainRequest(GUNDAM, PAGE, v, text_tokens=6, batch=1, cfg=SMALL, dtype=dtype)
+    comp = T.verify_decoder(req, model, ("flops", "elementwise_flops", "bytes_read", "bytes_written"))
+    metric_rows = [r for r in comp.rows if r.metric != "flops"]
+    forward = [r for r in metric_rows if r.node.startswith("decoder:")]
+    backward = [r for r in metric_rows if r.node.startswith("backward.decoder:")]
+    assert forward and all(r.ok for r in forward), [(r.node, r.metric, r.predicted, r.measured)
+                                                   for r in forward if not r.ok]
+    checked = [r for r in backward if not any(re.fullmatch(p, r.node) for p in NOT_EXACT_BACKWARD)]
+    assert len(checked) > 40 and all(r.ok for r in checked), [(r.node, r.metric, r.predicted, r.measured)
+                                                             for r in checked if not r.ok]
+    totals = {(r.node, r.metric): r for r in comp.subtotals}
+    assert all(totals[("decoder", m)].ok for m in ("elementwise_flops", "bytes_read", "bytes_written"))
+    assert not comp.unclaimed

@@ -32,9 +32,12 @@ autograd graph itself, exactly:
 
 `counting()` counts FLOPs (`StepFlops`: FlopCounterMode's formulas, plus the CPU flash-attention
 forward and backward) and, with `metrics`, elementwise FLOPs and bytes (`StepMetrics`:
-`costgraph.verify.dispatch.op_metrics`) per aten op, each op with its `Where`. `cpu_sdpa_on_meta` makes `meta` runs take the kernel a
-CPU run takes (meta tensors always take SDPA's math path: 4 bmm in backward where the CPU
-flash kernel's backward counts 5 by torch's formula, which recomputes the scores).
+`costgraph.verify.dispatch.op_metrics`) per aten op, each op with its `Where`. `VendorSdpaOnMeta` makes `meta` runs take
+the fused SDPA kernel the vendor runs (meta tensors always take SDPA's math path: 4 bmm in
+backward where a fused kernel's backward counts 5 by torch's formula, which recomputes the
+scores): the CPU flash kernel, or, when the mask needs a gradient (SAM's rel-pos bias under
+`--train full`), the memory-efficient kernel the vendor's GPU runs, which also returns the
+mask's gradient (no FLOPs beyond torch's `sdpa_backward_flop_count`: it is the score gradient).
 """
 from __future__ import annotations
 
@@ -295,13 +298,13 @@ class Step:
 
 
 @contextlib.contextmanager
-def counting(metrics: bool = False, meta_as_cpu: bool = True):
+def counting(metrics: bool = False, fused_sdpa_on_meta: bool = True):
     """`with counting() as (att, step):` run the forward under `att.in_section(...)` and the backward
     under `att.backward()`; `step` holds the ops when the block ends."""
     att = Attribution()
     fl = StepFlops(att)
     rec = StepMetrics(att) if metrics else contextlib.nullcontext()
-    sdpa = CpuSdpaOnMeta() if meta_as_cpu else contextlib.nullcontext()
+    sdpa = VendorSdpaOnMeta() if fused_sdpa_on_meta else contextlib.nullcontext()
     step = Step([], [], [])
     with sdpa, att, fl, rec:   # att above sdpa: it tags the caller's F.scaled_dot_product_attention
         yield att, step
@@ -310,14 +313,25 @@ def counting(metrics: bool = False, meta_as_cpu: bool = True):
         step.ops, step.no_convention = rec.ops, dict(rec.no_convention)
 
 
-# ---- meta runs take the CPU's SDPA kernel ---------------------------------------------------------
+# ---- meta runs take the vendor's SDPA kernel ---------------------------------------------------
 
-class CpuSdpaOnMeta(TorchFunctionMode):
+class VendorSdpaOnMeta(TorchFunctionMode):
     """On `meta`, `F.scaled_dot_product_attention` always takes the math path (bmm, softmax, bmm;
-    4 bmm in backward). A CPU run takes the fused flash kernel unless a mask that needs a gradient
-    (SAM's rel-pos bias when SAM trains) or dropout forces the math path: this mode makes a meta
-    run take the same kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, which has meta
-    kernels for forward and backward)."""
+    4 bmm in backward, 2x the forward). The vendor's GPU runs a fused kernel, whose backward
+    recomputes the scores (torch's `sdpa_backward_flop_count`: 5 products of the forward's size,
+    2.5x the forward). This mode makes a meta run take a fused kernel with meta kernels for
+    forward and backward, which torch's counter covers with those formulas:
+    - no mask gradient needed: `aten._scaled_dot_product_flash_attention_for_cpu` (what a CPU run
+      takes too: the CPU flash kernel);
+    - a mask that needs a gradient (SAM's rel-pos bias when SAM trains, `--train full`):
+      `aten._scaled_dot_product_efficient_attention` with `compute_log_sumexp` (what the vendor's
+      CUDA run takes: the flash kernel accepts no mask, the memory-efficient one does and
+      returns the bias gradient). Forward: `sdpa_flop_count`; backward: `sdpa_backward_flop_count`
+      (q, k, v gradients, the scores recomputed); the mask's gradient is the score gradient the
+      kernel computes anyway and writes out: no FLOPs beyond the formula. A CPU run with such a
+      mask still takes the math path (CPU has no memory-efficient kernel); the vision training
+      reference is counted on meta, so it counts as the vendor runs.
+    Dropout (none in the references) or `enable_gqa` keep torch's own path."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -327,7 +341,10 @@ class CpuSdpaOnMeta(TorchFunctionMode):
             dropout = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
             causal = kwargs.get("is_causal", args[5] if len(args) > 5 else False)
             needs_mask_grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
-            if q.device.type == "meta" and not needs_mask_grad and not dropout and "enable_gqa" not in kwargs:
+            if q.device.type == "meta" and not dropout and "enable_gqa" not in kwargs:
+                if needs_mask_grad:
+                    return aten._scaled_dot_product_efficient_attention(
+                        q, k, v, mask, True, 0.0, bool(causal), scale=kwargs.get("scale"))[0]
                 return aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, bool(causal), attn_mask=mask, scale=kwargs.get("scale"))[0]
         return func(*args, **kwargs)

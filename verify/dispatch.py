@@ -21,6 +21,9 @@ from .profile import Sections, _innermost
 
 aten = torch.ops.aten
 FUSED_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+# ops whose conventions count per "source" element: the argument that is (index_add_'s source, the
+# loss's targets: one per row)
+SOURCE_ARG = {"index_add_": 3, "scatter_add_": 3, "nll_loss_forward": 1, "nll_loss_backward": 2}
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,10 @@ def op_metrics(func, args, kwargs, out, strict: bool = True) -> tuple[int | None
         has_mask = kwargs.get("attn_mask") is not None or (len(args) > 5 and args[5] is not None)
         return scores * (C.SDPA_SCALE + C.SDPA_MASK * has_mask + C.SDPA_SOFTMAX), read, wrote
     first_in = next((t.numel() for t in _tensors(args)), 0)
-    source = kwargs.get("source", args[3] if name == "index_add_" and len(args) > 3 else None)
+    at = SOURCE_ARG.get(name)
+    source = kwargs.get("source", args[at] if at is not None and len(args) > at else None)
+    if name in ("index_put", "index_put_") and kwargs.get("accumulate", len(args) > 3 and args[3]):
+        name, source = "index_put_acc", args[2]   # accumulate: one add per value element
     try:
         ew = C.elementwise_flops(name, sum(t.numel() for t in outs[:1]), first_in,
                                  source.numel() if isinstance(source, torch.Tensor) else 0)

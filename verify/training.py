@@ -9,7 +9,8 @@ every op, the backward's included, to the forward call that created it):
 - the vision encoder on `meta` (counts only, as in inference) for each of the B pages: forward
   under no_grad when vision does not train (`lm`, `lora`), else forward and a backward seeded with a
   gradient for the image slots (what the LM hands back), SAM's parameters frozen for
-  `lm+clip+projector`. A meta run takes the CPU's SDPA kernel (`backward.CpuSdpaOnMeta`).
+  `lm+clip+projector`. A meta run takes the fused SDPA kernel the vendor runs (`backward.VendorSdpaOnMeta`: the
+  memory-efficient kernel for SAM's rel-pos mask when SAM trains).
 
 Mapping: a graph node `backward.X` is the gradient of forward node X: its claims are X's (the same
 reference module, torch call and call occurrence), selected among the backward ops. Vision claims
@@ -240,17 +241,28 @@ def train_graph(req: TrainRequest):
     return train_graph_mod.train_graph(req.mode.crop_mode, req.variants, req.cfg)[0]
 
 
-def verify_decoder(req: TrainRequest, model=None) -> Comparison:
+def verify_decoder(req: TrainRequest, model=None, metrics: tuple[str, ...] = ("flops",)) -> Comparison:
+    """FLOPs node by node; with elementwise_flops / bytes_read / bytes_written in `metrics`, those per
+    reference module too (`costgraph.verify.train_metrics`)."""
+    from .train_metrics import METRICS, compare_metrics
+
+    other = tuple(m for m in metrics if m in METRICS)
     graph = train_graph(req)
     slots = tokens_for(req.layout, req.mode)["total"]
     if model is None:
         model = build_training_lm(req.cfg, req.dtype, rope=req.variants.rope, seed=req.seed)
         apply_setting(model, req.variants)
-    step, info = run_lm(model, req.variants, req.batch, req.text_tokens, slots, seed=req.seed)
+    step, info = run_lm(model, req.variants, req.batch, req.text_tokens, slots, metrics=bool(other), seed=req.seed)
     values = _values(req.mode, req.layout, req.text_tokens, req.batch, torch.tensor([], dtype=req.dtype).element_size())
     scopes = ("decoder", "backward.decoder")
     rows, unclaimed = compare_flops(graph, values, step, scopes, _lm_claims)
     subtotals = scope_rows(graph, values, step, scopes)
+    if other:
+        lora_of = lambda node: f"{node}.lora_A" in graph.g or _forward_of(node) + ".lora_A" in graph.g
+        r, t, u = compare_metrics(graph, values, step, scopes, other, _value, lora_of)
+        rows += r
+        subtotals += t
+        unclaimed += u
     info.update(trainable_parameters=trainable_parameters(model), variants=req.variants.as_dict(),
                 seeds=[f"{o.section}:{o.op}" for o in step.flops if o.where.kind == SEED],
                 per_module=per_module_rows(step))

@@ -89,6 +89,7 @@ def run(args) -> int:
     if mode.crop_mode is False:
         raise UserError("--phase train: the training graph is built for crop mode (gundam, gundam-m) only for now")
     layout = _layout(args, mode)
+    metrics = _train_metrics(args)
     req = T.TrainRequest(mode, layout, variants, text_tokens=args.text_tokens, batch=args.batch)
     t = time.perf_counter()
     comps, memory = [], None
@@ -97,7 +98,7 @@ def run(args) -> int:
     if args.scope in ("decoder", "train"):
         model = build_training_lm(rope=variants.rope)
         apply_setting(model, variants)
-        comps.append(T.verify_decoder(req, model))
+        comps.append(T.verify_decoder(req, model, metrics))
         memory = T.lm_memory_rows(req, model)
         del model
     seconds = time.perf_counter() - t
@@ -113,6 +114,21 @@ def run(args) -> int:
         if memory is not None:
             print(memory_text(memory))
     return 0 if ok else EXIT_MISMATCH
+
+
+def _train_metrics(args) -> tuple[str, ...]:
+    """--metrics for a training step: flops (node by node; the default) and elementwise_flops, bytes
+    (per reference module, the decoder only: vision runs on meta)."""
+    from .text import parse_metrics
+
+    names = {"flops": ("flops",), "elementwise_flops": ("elementwise_flops",),
+             "bytes": ("bytes_read", "bytes_written")}
+    out = ["flops"]
+    for group in parse_metrics(args.metrics):
+        if group not in names:
+            raise UserError(f"--phase train checks --metrics flops, elementwise_flops, bytes (not {group!r})")
+        out += [m for m in names[group] if m not in out]
+    return tuple(out)
 
 
 def memory_text(memory: dict) -> str:
