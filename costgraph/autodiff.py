@@ -99,7 +99,9 @@ def add_backward(g: CostGraph, loss: str, scopes: Mapping[str, str], trains: Cal
     sources: dict[str, list[str]] = {}
     grads_of: dict[str, tuple] = {}
     for n in runs:
-        grads = tuple(requires.get(p, False) and p in needed for p in data[n]["inputs"])
+        index = ops.INDEX_INPUTS.get(data[n]["kind"], ())
+        grads = tuple(requires.get(p, False) and p in needed and i not in index
+                      for i, p in enumerate(data[n]["inputs"]))
         grads_of[n] = grads
         for p, need in zip(data[n]["inputs"], grads):
             if need and data[p]["kind"] != "input":

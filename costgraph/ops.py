@@ -866,8 +866,14 @@ NO_GRADIENT = ("input", "rel_pos_coords", "position_ids", "causal_mask", "rope_t
                "expert_select", "argmax_last", "identity")
 
 
-def register_backward(*kinds: str):
-    """Register the backward formula of op kinds; one per kind (a second registration raises)."""
+# Inputs an op reads only as indices (positions): no gradient flows into them, whatever produced them
+# (a router's top-k node carries its weights and its indices; the experts' masks read the indices).
+INDEX_INPUTS: dict[str, tuple[int, ...]] = {}
+
+
+def register_backward(*kinds: str, index_inputs: tuple[int, ...] = ()):
+    """Register the backward formula of op kinds; one per kind (a second registration raises).
+    `index_inputs`: the input positions the op reads as indices (they get no gradient)."""
     def deco(fn: BackwardFormula) -> BackwardFormula:
         for k in kinds:
             if k in BACKWARD or k in NO_GRADIENT:
@@ -875,6 +881,8 @@ def register_backward(*kinds: str):
             if k not in OPS:
                 raise ValueError(f"backward for {k!r}, which has no forward formula")
             BACKWARD[k] = fn
+            if index_inputs:
+                INDEX_INPUTS[k] = tuple(index_inputs)
         return fn
     return deco
 
@@ -1287,7 +1295,7 @@ def moe_repeat_backward(x, *, grads, weight_grad, k):
     return Grad(_cost(ew=ew("sum", numel(x) * k), read=nbytes(x) * k, written=nbytes(x), out=nbytes(x)))
 
 
-@register_backward("expert_rows")
+@register_backward("expert_rows", index_inputs=(1,))
 def expert_rows_backward(x, idx, *, grads, weight_grad, experts):
     """Per expert, x[mask]'s backward: `new_zeros` of x's shape (called on the rows' gradient: reads it),
     the rows' gradient put at the mask (index_put with accumulate: reads the zeros, the mask and the
@@ -1306,7 +1314,7 @@ def expert_rows_backward(x, idx, *, grads, weight_grad, experts):
     return Grad(cost, [1])
 
 
-@register_backward("expert_scatter")
+@register_backward("expert_scatter", index_inputs=(1,))
 def expert_scatter_backward(rows, idx, *, grads, weight_grad, experts):
     """Per expert, the gradient of its rows: the output gradient at the expert's mask (a boolean gather).
     Every put but the first (y = empty_like(x) needs no gradient) also hands the y it overwrote a
@@ -1344,7 +1352,7 @@ def weighted_sum_backward(y, w, *, grads, weight_grad, k, out_itemsize=S.dtype_b
     return Grad(_with_output(cost, out), [0, 1])
 
 
-@register_backward("aux_loss")
+@register_backward("aux_loss", index_inputs=(1,))
 def aux_loss_backward(scores, idx, *, grads, weight_grad, experts, k, batch):
     """The balance loss's gradient into the routing scores, op by op back from the scalar: x alpha (mul),
     the batch mean's (div over the batch), the sum's (a broadcast view) and the product's (x counts,
