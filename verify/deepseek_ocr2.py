@@ -45,7 +45,7 @@ from costgraph.graphs.deepseek_ocr2.config import IMAGE_TOKEN_ID, LM, MAX_CROPS,
     VisionConfig
 from .compare import Comparison, Row
 from .dispatch import MetricRecorder
-from .lm_profile import PREFILL, DECODE, CallLog, LMRun, _cache_bytes, compare_lm, section as lm_section
+from .lm_profile import PREFILL, DECODE, CallLog, LMRun, _cache_bytes, compare_lm, router_log, section as lm_section
 from .lm_reference import _default_dtype, _fill
 from .profile import COMPUTE_OP
 
@@ -436,22 +436,6 @@ def _lm_module(module: str) -> str:
     return module
 
 
-@contextlib.contextmanager
-def _router_log(model):
-    log: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for i, layer in enumerate(model.model.language_model.layers):
-        gate = getattr(layer.mlp, "gate", None)
-        if gate is not None and hasattr(gate, "top_k"):
-            log[i] = []
-            handles.append(gate.register_forward_hook(lambda mod, a, out, i=i: log[i].append(out[2])))
-    try:
-        yield log
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def run_page(model, lay, pixels, local, *, text_tokens: int, decode_steps: int, lm_head: str, metrics: bool,
              seed: int = 0, lm: LMConfig = LM):
     """Prefill (vision + LM, one forward of the real model) and `decode_steps` greedy forwards with a cache.
@@ -468,7 +452,8 @@ def run_page(model, lay, pixels, local, *, text_tokens: int, decode_steps: int, 
     nxt = None
     pixels = pixels.to(dtype)
     local = None if local is None else local.to(dtype)
-    with _router_log(model) as routes, log, (rec if rec is not None else contextlib.nullcontext()), \
+    with router_log(model.model.language_model.layers) as routes, log, \
+            (rec if rec is not None else contextlib.nullcontext()), \
             torch.no_grad(), Labels(model, [log, rec]) as labels:
         for step in range(decode_steps + 1):
             t = time.perf_counter()

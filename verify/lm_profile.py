@@ -83,11 +83,10 @@ _COMPILED = [(re.compile(p), claims) for p, claims in RULES]
 # (node path within a forward, the reference module whose own ops it is part of): the other metrics.
 # Module paths are relative to `LanguageModel`: "" is its own forward (the image scatter),
 # "<global>" the generation loop around it (the greedy argmax).
-MODULES: list[tuple[str, str]] = [
+# The rules a forward's and a training step's decoder nodes share (train_metrics adds its own to these).
+DECODER_MODULES: list[tuple[str, str]] = [
     (r"embed_tokens", "model.embed_tokens"),
-    (r"image_scatter", ""),
     (r"position_ids|attention_mask", "model"),
-    (r"rotary_emb", "model.rotary_emb"),
     (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)", _L + ".{1}"),
     (r"layers\.(\d+)\.self_attn\.(rotary_emb|[qkvo]_proj)", _L + ".self_attn.{1}"),
     (r"layers\.(\d+)\.self_attn\.(?!rotary_emb$|[qkvo]_proj$)\w+", _L + ".self_attn"),
@@ -95,12 +94,16 @@ MODULES: list[tuple[str, str]] = [
     (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.{1}"),
     (r"layers\.(\d+)\.mlp\.(mul|add_shared)", _L + ".mlp"),
     (r"layers\.(\d+)\.mlp\.gate(\.\w+)?", _L + ".mlp.gate"),
-    (r"layers\.(\d+)\.mlp\.experts\.act_fn", _L + ".mlp.experts.act_fn"),
-    (r"layers\.(\d+)\.mlp\.experts\.(?!act_fn$)[\w.]+", _L + ".mlp.experts"),
     (r"layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.shared_experts.{1}"),
     (r"layers\.(\d+)\.mlp\.shared_experts\.mul", _L + ".mlp.shared_experts"),
     (r"norm", "model.norm"),
     (r"lm_head", "lm_head"),
+]
+MODULES: list[tuple[str, str]] = DECODER_MODULES + [   # a path must match exactly one rule: order is free
+    (r"image_scatter", ""),
+    (r"rotary_emb", "model.rotary_emb"),
+    (r"layers\.(\d+)\.mlp\.experts\.act_fn", _L + ".mlp.experts.act_fn"),
+    (r"layers\.(\d+)\.mlp\.experts\.(?!act_fn$)[\w.]+", _L + ".mlp.experts"),
     (r"next_token", "<global>"),
 ]
 _MODULES = [(re.compile(p), t) for p, t in MODULES]
@@ -197,11 +200,12 @@ class LMRun:
 
 
 @contextlib.contextmanager
-def _router_log(model: LanguageModel):
-    """Each MoE layer's top-k indices, per forward, kept by forward hooks (a reference: no op runs)."""
+def router_log(layers):
+    """Each MoE layer's top-k indices (of the decoder `layers`), per forward, kept by forward hooks (a
+    reference: no op runs)."""
     log: dict[int, list[torch.Tensor]] = {}
     handles = []
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(layers):
         gate = getattr(layer.mlp, "gate", None)
         if gate is None or not hasattr(gate, "top_k"):
             continue
@@ -247,7 +251,7 @@ def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, de
     log = CallLog()
     rec = MetricRecorder() if metrics else None
     cache = DynamicCache(config=model.model.config)
-    with _router_log(model) as routes, log, (rec if rec is not None else contextlib.nullcontext()), \
+    with router_log(model.model.layers) as routes, log, (rec if rec is not None else contextlib.nullcontext()), \
             torch.no_grad():
         for step in tqdm(range(decode_steps + 1), desc="LM forwards", disable=not progress):
             t = time.perf_counter()

@@ -22,34 +22,22 @@ from collections import defaultdict
 
 from .backward import ACCUMULATE, SEED, Step
 from .compare import Row
+from .lm_profile import DECODER_MODULES
 
 METRICS = ("elementwise_flops", "bytes_read", "bytes_written")
 _L = "model.layers.{0}"
 LOSS_MODULE = ""   # `TrainingLM.forward` (the loss runs there)
 
 # (node path within the decoder scope, the reference module it runs in; "*" for any routed expert)
-MODULES: list[tuple[str, str]] = [
-    (r"embed_tokens", "model.embed_tokens"),
+MODULES: list[tuple[str, str]] = DECODER_MODULES + [   # a path must match exactly one rule: order is free
     (r"image_scatter|image_features|loss\.\w+", ""),
-    (r"position_ids|attention_mask", "model"),
-    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)", _L + ".{1}"),
     # the MoE's flattening is two views (the gate's, the experts'): their gradients are summed at the
     # view's input, the post-attention norm's output (the graph's node is the view, costing only that sum)
     (r"layers\.(\d+)\.mlp\.flatten", _L + ".post_attention_layernorm"),
-    (r"layers\.(\d+)\.self_attn\.(rotary_emb|[qkvo]_proj)", _L + ".self_attn.{1}"),
-    (r"layers\.(\d+)\.self_attn\.(?!rotary_emb$|[qkvo]_proj$)\w+", _L + ".self_attn"),
-    (r"layers\.(\d+)\.residual_(attn|mlp)", _L),
-    (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.{1}"),
-    (r"layers\.(\d+)\.mlp\.(mul|add_shared)", _L + ".mlp"),
-    (r"layers\.(\d+)\.mlp\.gate(\.\w+)?", _L + ".mlp.gate"),
     (r"layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.experts.*.{1}"),
     (r"layers\.(\d+)\.mlp\.experts\.mul", _L + ".mlp.experts.*"),
     (r"layers\.(\d+)\.mlp\.experts\.(repeat_interleave|rows|write_back|weighted_sum|add_aux_loss|unflatten)",
      _L + ".mlp"),
-    (r"layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj|act_fn)", _L + ".mlp.shared_experts.{1}"),
-    (r"layers\.(\d+)\.mlp\.shared_experts\.mul", _L + ".mlp.shared_experts"),
-    (r"norm", "model.norm"),
-    (r"lm_head", "lm_head"),
 ]
 _MODULES = [(re.compile(p), t) for p, t in MODULES]
 LORA_PARTS = {"lora_A": ".lora_A.default", "lora_B": ".lora_B.default"}

@@ -20,7 +20,18 @@ from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_P
 from .published import PARAM_PARTS, PUBLISHED
 
 
-class DeepSeekOCR(Model):
+class CropGridLM(Model):
+    """What DeepSeek-OCR and DeepSeek-OCR 2 share as models: views of a page on a crop grid (w_crop x h_crop),
+    then a generating language model (prefill, decode)."""
+    generates = True
+    lm_scope = "decoder"
+    prefill_scope = "decoder.prefill"
+    term_symbols = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
+    term_groups = {(S.w_crop, S.h_crop): "crop"}
+    point_symbols = (S.w_crop, S.h_crop)
+
+
+class DeepSeekOCR(CropGridLM):
     name = "deepseek-ocr"
     title = "DeepSeek-OCR (SAM ViT-B + CLIP-L + projector, DeepSeek-V2 MoE 3B)"
     modes = MODES
@@ -52,12 +63,7 @@ class DeepSeekOCR(Model):
                       "gradient checkpointing (--phase train): none, or per decoder layer (recomputed before "
                       "its backward)"),
     )
-    generates = True
     max_positions = MAX_POSITIONS
-    lm_scope = "decoder"
-    prefill_scope = "decoder.prefill"
-    term_symbols = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
-    term_groups = {(S.w_crop, S.h_crop): "crop"}
     latex_names = {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}
     published = PUBLISHED
     recipes = (("LoRA r=16 (Unsloth: q,k,v,o,gate,up,down)", {"train": "lora", "lora_rank": 16}),
@@ -153,14 +159,7 @@ class DeepSeekOCR(Model):
               output_text_tokens=None, batch=None) -> Point:
         """A page (by size, image file or crop grid) and what the language model runs for it;
         `output_text_tokens` (the page's OCR text in tokens) adds the compression ratio."""
-        note = None
-        if grid is not None:
-            lay = L.layout_for_grid(*grid, mode)
-            note = L.check_grid(grid, mode, max_num, what_if)
-        elif image is not None:
-            lay = assembly.layout_for_image(image, mode, max_num)
-        else:
-            lay = L.layout_for(*size, mode, max_num=max_num)
+        lay, note = page_layout(L, assembly.layout_for_image, mode, size, image, grid, max_num, what_if)
         rec = {"layout": assembly.layout_record(lay, mode, output_text_tokens),
                "sequence": assembly.sequence_record(mode, lay, text_tokens, output_tokens)}
         if note:
@@ -204,7 +203,6 @@ class DeepSeekOCR(Model):
     # ---- tables and sweeps --------------------------------------------------------------------
     label = "DeepSeek-OCR"
     default_table_rows = "tiny,small,base,large,gundam:2x2,gundam:2x3,gundam:3x3,gundam:4x2"
-    point_symbols = (S.w_crop, S.h_crop)
 
     def table_point(self, mode, grid, *, max_num=MAX_CROPS, **options) -> Point:
         """A row is a mode and a grid, not a page: its valid tokens are those of the grid's nominal page
@@ -236,49 +234,29 @@ class DeepSeekOCR(Model):
         if not mode.crop_mode:
             raise ValueError(f"mode {mode.name!r} does not crop: a grid sweep needs a crop mode (gundam, gundam-m)")
         max_num = MAX_CROPS if max_num is None else max_num
-        L.check_max_num(max_num)
-        explicit = grids
-        grids = L.candidate_grids(2, max_num) if grids is None else [tuple(g) for g in grids]
-        for g in grids:
-            L.layout_for_grid(*g, mode)
-            L.check_grid(g, mode, max_num)
-        w = np.array([g[0] for g in grids], dtype=np.int64)
-        h = np.array([g[1] for g in grids], dtype=np.int64)
-        cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
-                "num_crops": np.where(w * h > 1, w * h, 0)}
-        cols.update(_valid_columns(mode.image_size * w, mode.image_size * h, cols["num_crops"], mode,
-                                   output_text_tokens))
-        one = np.ones(1, np.int64)
-        no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
-                   "note": "a page within 640x640 gets no crops; the vendor reports its grid as 1x1",
-                   **{k: _json_value(v[0]) for k, v in _valid_columns(
-                       one * mode.image_size, one * mode.image_size, 0 * one, mode, output_text_tokens).items()}}
-        source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
-            f"{a}x{b}" for a, b in grids)
-        return cols, {"w_crop": w, "h_crop": h}, ({"w_crop": one, "h_crop": one}, no_crop), \
-            {"max_num": max_num, "source": source, "output_text_tokens": output_text_tokens,
-             "valid_tokens_page": GRID_PAGE_NOTE}
+        cols, values, (one_values, no_crop), meta = crop_grid_columns(
+            L, mode, grids, max_num, "a page within 640x640 gets no crops; the vendor reports its grid as 1x1")
+        cols.update(_valid_columns(mode.image_size * values["w_crop"], mode.image_size * values["h_crop"],
+                                   cols["num_crops"], mode, output_text_tokens))
+        one = one_values["w_crop"]
+        no_crop.update({k: _json_value(v[0]) for k, v in _valid_columns(
+            one * mode.image_size, one * mode.image_size, 0 * one, mode, output_text_tokens).items()})
+        meta.update(output_text_tokens=output_text_tokens, valid_tokens_page=GRID_PAGE_NOTE)
+        return cols, values, (one_values, no_crop), meta
 
     def page_columns(self, mode, widths, heights, max_num=None, output_text_tokens=None):
-        max_num = MAX_CROPS if max_num is None else max_num
-        lay = L.layouts_for(widths, heights, mode, max_num=max_num)
-        cols = {"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
-                "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops}
-        cols.update(_valid_columns(lay.width, lay.height, lay.num_crops, mode, output_text_tokens))
-        return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num,
-                                                                     "output_text_tokens": output_text_tokens}
+        cols, values, meta = page_layout_columns(L, mode, widths, heights, MAX_CROPS if max_num is None else max_num)
+        cols.update(_valid_columns(cols["width"], cols["height"], cols["num_crops"], mode, output_text_tokens))
+        meta["output_text_tokens"] = output_text_tokens
+        return cols, values, meta
 
     def unrunnable(self, cols, sequence):
         """Points whose prompt and output exceed the language model's positions."""
-        need = 1 + sequence["text_tokens"] + cols["image_tokens"] + sequence["output_tokens"] - 1
-        return need > MAX_POSITIONS, (f"prompt + output tokens exceed the language model's {MAX_POSITIONS:,} "
-                                      f"positions (output_tokens {sequence['output_tokens']:,})")
+        return positions_unrunnable(cols, sequence, MAX_POSITIONS)
 
     def check_sequence(self, text_tokens, output_tokens, batch=1):
         self.sequence_values(text_tokens, output_tokens, batch)
-        if 1 + text_tokens + output_tokens - 1 > MAX_POSITIONS:
-            raise ValueError(f"text_tokens {text_tokens:,} and output_tokens {output_tokens:,} exceed the language "
-                             f"model's {MAX_POSITIONS:,} positions before any image token")
+        check_positions(text_tokens, output_tokens, MAX_POSITIONS)
 
     def sequence_values(self, text_tokens, output_tokens, batch=1):
         """The sequence symbols' values; `batch`: pages per training micro-batch (a training step's B)."""
@@ -307,6 +285,60 @@ class DeepSeekOCR(Model):
                          f"({p['active_per_token_without_embedding_row']:,} without the embedding row; "
                          f"published: 570M)")
         return lines
+
+
+# ---- what DeepSeek-OCR 2 shares (its crop rule is another layout module with the same functions) ------------
+
+def crop_grid_columns(rule, mode, grids, max_num: int, no_crop_note: str):
+    """Every grid the layout `rule` (a layout module) produces under max_num (or the given ones) as sweep
+    columns, and the no-crop 1x1 (with `no_crop_note`): `Model.grid_columns`' answer, to extend."""
+    rule.check_max_num(max_num)
+    explicit = grids
+    grids = rule.candidate_grids(2, max_num) if grids is None else [tuple(g) for g in grids]
+    for g in grids:
+        rule.layout_for_grid(*g, mode)
+        rule.check_grid(g, mode, max_num)
+    w = np.array([g[0] for g in grids], dtype=np.int64)
+    h = np.array([g[1] for g in grids], dtype=np.int64)
+    cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
+            "num_crops": np.where(w * h > 1, w * h, 0)}
+    one = np.ones(1, np.int64)
+    no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0, "note": no_crop_note}
+    source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
+        f"{a}x{b}" for a, b in grids)
+    return cols, {"w_crop": w, "h_crop": h}, ({"w_crop": one, "h_crop": one}, no_crop), \
+        {"max_num": max_num, "source": source}
+
+
+def page_layout(rule, layout_for_image, mode, size, image, grid, max_num: int, what_if: bool):
+    """A page's layout under the layout `rule` (a layout module; `layout_for_image` for a page file), by crop
+    grid, image file or size, and the what-if note of a grid the rule does not produce (None otherwise)."""
+    if grid is not None:
+        return rule.layout_for_grid(*grid, mode), rule.check_grid(grid, mode, max_num, what_if)
+    if image is not None:
+        return layout_for_image(image, mode, max_num), None
+    return rule.layout_for(*size, mode, max_num=max_num), None
+
+
+def page_layout_columns(rule, mode, widths, heights, max_num: int):
+    """Pages' layouts under the layout `rule` as sweep columns: `Model.page_columns`' answer, to extend."""
+    lay = rule.layouts_for(widths, heights, mode, max_num=max_num)
+    cols = {"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
+            "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops}
+    return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num}
+
+
+def positions_unrunnable(cols, sequence, max_positions: int):
+    """Points whose prompt (1 + text + image tokens) and output exceed `max_positions`, and why."""
+    need = 1 + sequence["text_tokens"] + cols["image_tokens"] + sequence["output_tokens"] - 1
+    return need > max_positions, (f"prompt + output tokens exceed the language model's {max_positions:,} "
+                                  f"positions (output_tokens {sequence['output_tokens']:,})")
+
+
+def check_positions(text_tokens: int, output_tokens: int, max_positions: int) -> None:
+    if 1 + text_tokens + output_tokens - 1 > max_positions:
+        raise ValueError(f"text_tokens {text_tokens:,} and output_tokens {output_tokens:,} exceed the language "
+                         f"model's {max_positions:,} positions before any image token")
 
 
 GRID_PAGE_NOTE = "valid tokens of each grid's nominal page: image_size*w_crop x image_size*h_crop"

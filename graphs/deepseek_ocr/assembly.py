@@ -198,11 +198,18 @@ def layout_totals(mode: Mode, layout: Layout, scopes, metrics, *, text_tokens: i
 def sequence_record(mode: Mode, layout: Layout, text_tokens: int = DEFAULT_TEXT_TOKENS,
                     output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> dict:
     """What the language model runs for a page: prompt length and generated tokens."""
+    return prompt_record(tokens_for(layout, mode)["total"], text_tokens, output_tokens)
+
+
+def prompt_record(image_tokens: int, text_tokens: int, output_tokens: int, max_positions: int = MAX_POSITIONS
+                  ) -> dict:
+    """A prompt of 1 BOS + `image_tokens` + `text_tokens` and `output_tokens` generated, refused past the
+    language model's `max_positions`."""
     sequence_values(text_tokens, output_tokens)
-    prompt = 1 + text_tokens + tokens_for(layout, mode)["total"]
-    if prompt + output_tokens - 1 > MAX_POSITIONS:
+    prompt = 1 + text_tokens + image_tokens
+    if prompt + output_tokens - 1 > max_positions:
         raise ValueError(f"the prompt ({prompt} tokens) and {output_tokens:,} output tokens need "
-                         f"{prompt + output_tokens - 1:,} positions; the language model has {MAX_POSITIONS:,} "
-                         f"(at most {MAX_POSITIONS - prompt + 1:,} output tokens for this page)")
+                         f"{prompt + output_tokens - 1:,} positions; the language model has {max_positions:,} "
+                         f"(at most {max_positions - prompt + 1:,} output tokens for this page)")
     return {"text_tokens": text_tokens, "output_tokens": output_tokens, "prompt_tokens": prompt,
             "decode_forwards": output_tokens - 1, "final_context": prompt + output_tokens - 1}

@@ -230,20 +230,27 @@ def padded_size(width: int, height: int, side: int) -> tuple[int, int]:
 
 def check_pages(widths, heights, mode: Mode) -> None:
     """Pages the vendor preprocessing cannot handle are refused up front, with the reason."""
+    refuse_pages(widths, heights, (lambda w, h: padded_sizes(w, h, mode.base_size)) if pads(mode) else None,
+                 f"{mode.base_size}x{mode.base_size} padded view")
+
+
+def refuse_pages(widths, heights, view_sizes, view: str) -> None:
+    """Refuses sizes that are not positive, then pages whose `view` (its sizes: `view_sizes(w, h)`, None for
+    none) has a side of 0 pixels."""
     w = np.asarray(widths, dtype=np.int64)
     h = np.asarray(heights, dtype=np.int64)
     bad = (w <= 0) | (h <= 0)
     if bad.any():
         k = int(np.argmax(bad))
         raise ValueError(f"image size must be positive integers, got {w[k]}x{h[k]}")
-    if pads(mode):
-        pw, ph = padded_sizes(w, h, mode.base_size)
-        bad = (pw == 0) | (ph == 0)
-        if bad.any():
-            k, n = int(np.argmax(bad)), int(bad.sum())
-            more = f" ({n - 1} more such pages)" if n > 1 else ""
-            raise ValueError(f"page {w[k]}x{h[k]} is too elongated: its {mode.base_size}x{mode.base_size} "
-                             f"padded view would be {pw[k]}x{ph[k]} pixels{more}")
+    if view_sizes is None:
+        return
+    vw, vh = view_sizes(w, h)
+    bad = (vw == 0) | (vh == 0)
+    if bad.any():
+        k, n = int(np.argmax(bad)), int(bad.sum())
+        more = f" ({n - 1} more such pages)" if n > 1 else ""
+        raise ValueError(f"page {w[k]}x{h[k]} is too elongated: its {view} would be {vw[k]}x{vh[k]} pixels{more}")
 
 
 def check_page(width: int, height: int, mode: Mode) -> None:

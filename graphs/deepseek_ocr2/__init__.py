@@ -9,12 +9,11 @@ graph). This module adapts them to the interface the app uses.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from costgraph import forms
-from costgraph.graphs.deepseek_ocr import METRIC_NOTES
+from costgraph.graphs.deepseek_ocr import (METRIC_NOTES, CropGridLM, check_positions, crop_grid_columns, page_layout,
+                                            page_layout_columns, positions_unrunnable)
 from costgraph.graphs.deepseek_ocr.layout import crops_run
-from costgraph.model import Model, Point, VariantOption
+from costgraph.model import Point, VariantOption
 from . import assembly, decoder, layout as L
 from . import symbols as S
 from .config import DEFAULT_MODE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES
@@ -22,7 +21,7 @@ from .config import DEFAULT_MODE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MA
 RELEASED_PARAMETERS = 3_389_119_360   # the release's count (Unsloth's OCR-2 figure minus its LoRA parameters)
 
 
-class DeepSeekOCR2(Model):
+class DeepSeekOCR2(CropGridLM):
     name = "deepseek-ocr-2"
     label = "DeepSeek-OCR 2"
     title = "DeepSeek-OCR 2 (SAM ViT-B + Qwen2 encoder with learned queries + projector, DeepSeek-V2 MoE 3B)"
@@ -36,14 +35,8 @@ class DeepSeekOCR2(Model):
         VariantOption("lm_head", decoder.LM_HEAD, decoder.DEFAULT.lm_head,
                       "prefill lm_head over all prompt positions (a plain forward) or the last (generate)"),
     )
-    generates = True
     max_positions = MAX_POSITIONS
-    lm_scope = "decoder"
-    prefill_scope = "decoder.prefill"
-    term_symbols = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
-    term_groups = {(S.w_crop, S.h_crop): "crop"}
     default_table_rows = "default:1x1,default:2x1,default:2x2,default:2x3,default:3x2,default:6x1"
-    point_symbols = (S.w_crop, S.h_crop)
     published = {"parameters": RELEASED_PARAMETERS}
 
     # ---- modes and variants -----------------------------------------------------------------
@@ -93,14 +86,7 @@ class DeepSeekOCR2(Model):
             raise ValueError("DeepSeek-OCR 2 defines no valid-token rule: no compression ratio "
                              "(--output-text-tokens is DeepSeek-OCR's)")
         mode = mode or MODES[DEFAULT_MODE]
-        note = None
-        if grid is not None:
-            lay = L.layout_for_grid(*grid, mode)
-            note = L.check_grid(grid, mode, max_num, what_if)
-        elif image is not None:
-            lay = assembly.layout_for_image(image, mode, max_num)
-        else:
-            lay = L.layout_for(*size, mode, max_num=max_num)
+        lay, note = page_layout(L, assembly.layout_for_image, mode, size, image, grid, max_num, what_if)
         rec = {"layout": assembly.layout_record(lay, mode),
                "sequence": assembly.sequence_record(lay, text_tokens, output_tokens, mode)}
         if note:
@@ -119,9 +105,7 @@ class DeepSeekOCR2(Model):
 
     def check_sequence(self, text_tokens, output_tokens):
         assembly.sequence_values(text_tokens, output_tokens)
-        if 1 + text_tokens + output_tokens - 1 > MAX_POSITIONS:
-            raise ValueError(f"text_tokens {text_tokens:,} and output_tokens {output_tokens:,} exceed the language "
-                             f"model's {MAX_POSITIONS:,} positions before any image token")
+        check_positions(text_tokens, output_tokens, MAX_POSITIONS)
 
     def sequence_values(self, text_tokens, output_tokens):
         return assembly.sequence_values(text_tokens, output_tokens)
@@ -151,36 +135,14 @@ class DeepSeekOCR2(Model):
         return {"image_tokens": tokens["total"], "paper_tokens": tokens["paper"]}
 
     def grid_columns(self, mode, grids=None, max_num=None, **options):
-        max_num = MAX_CROPS if max_num is None else max_num
-        L.check_max_num(max_num)
-        explicit = grids
-        grids = L.candidate_grids(2, max_num) if grids is None else [tuple(g) for g in grids]
-        for g in grids:
-            L.layout_for_grid(*g, mode)
-            L.check_grid(g, mode, max_num)
-        w = np.array([g[0] for g in grids], dtype=np.int64)
-        h = np.array([g[1] for g in grids], dtype=np.int64)
-        cols = {"grid": np.array([f"{a}x{b}" for a, b in grids]), "w_crop": w, "h_crop": h,
-                "num_crops": np.where(w * h > 1, w * h, 0)}
-        one = np.ones(1, np.int64)
-        no_crop = {"grid": "1x1", "w_crop": 1, "h_crop": 1, "num_crops": 0,
-                   "note": f"a page within {mode.image_size}x{mode.image_size} gets no crops; reported as 1x1"}
-        source = f"every grid for at most {max_num} crops" if explicit is None else "grids " + ", ".join(
-            f"{a}x{b}" for a, b in grids)
-        return cols, {"w_crop": w, "h_crop": h}, ({"w_crop": one, "h_crop": one}, no_crop), \
-            {"max_num": max_num, "source": source}
+        return crop_grid_columns(L, mode, grids, MAX_CROPS if max_num is None else max_num,
+                                 f"a page within {mode.image_size}x{mode.image_size} gets no crops; reported as 1x1")
 
     def page_columns(self, mode, widths, heights, max_num=None, **options):
-        max_num = MAX_CROPS if max_num is None else max_num
-        lay = L.layouts_for(widths, heights, mode, max_num=max_num)
-        cols = {"width": lay.width, "height": lay.height, "aspect": np.round(lay.width / lay.height, 6),
-                "w_crop": lay.w_crop, "h_crop": lay.h_crop, "tiled": lay.tiled, "num_crops": lay.num_crops}
-        return cols, {"w_crop": lay.w_crop, "h_crop": lay.h_crop}, {"max_num": max_num}
+        return page_layout_columns(L, mode, widths, heights, MAX_CROPS if max_num is None else max_num)
 
     def unrunnable(self, cols, sequence):
-        need = 1 + sequence["text_tokens"] + cols["image_tokens"] + sequence["output_tokens"] - 1
-        return need > MAX_POSITIONS, (f"prompt + output tokens exceed the language model's {MAX_POSITIONS:,} "
-                                      f"positions (output_tokens {sequence['output_tokens']:,})")
+        return positions_unrunnable(cols, sequence, MAX_POSITIONS)
 
     # ---- parameters -------------------------------------------------------------------------
     def param_parts(self):

@@ -14,21 +14,20 @@ import sympy as sp
 
 from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph, Tensor
+# the sequence and dtype substitutions are DeepSeek-OCR's (the same symbols); re-exported for the app and verifier
+from costgraph.graphs.deepseek_ocr.assembly import (dtype_values, layout_values, prompt_record,  # noqa: F401
+                                                    sequence_values)
+# the scopes and stages are DeepSeek-OCR's (a global view, a crop batch, prefill, decode)
+from costgraph.graphs.deepseek_ocr.assembly import (COMPOSITE, DECODER_SCOPES, E2E, E2E_PARTS,  # noqa: F401
+                                                    ROOFLINE_STAGES, SCOPES, STAGES)
 from costgraph.graphs.deepseek_ocr.layout import crops_run
 from costgraph.graphs.pages import page_size
 from . import decoder, vision
 from . import symbols as S
-from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, DTYPES, LM, MAX_CROPS, MAX_POSITIONS,
+from .config import (DEFAULT_DTYPE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, LM, MAX_CROPS, MAX_POSITIONS,
                      MODES, VISION, Mode, VisionConfig)
 from .layout import Layout, image_tokens, layout_for, tokens_for
 
-SCOPES = ("vision", "vision.global", "vision.crops")
-DECODER_SCOPES = ("decoder", "decoder.prefill", "decoder.decode")
-E2E = "e2e"
-COMPOSITE = {E2E: ("vision", "decoder")}
-E2E_PARTS = ("vision", "decoder.prefill", "decoder.decode")
-STAGES = ("vision.global", "vision.crops", "decoder.prefill", "decoder.decode")
-ROOFLINE_STAGES = ("vision", "decoder.prefill", "decoder.decode")
 MODE = MODES["default"]
 
 
@@ -87,35 +86,9 @@ def formula(scope: str, metric: str, variants: decoder.Variants = decoder.DEFAUL
     return g.total(scope)[metric]
 
 
-def layout_values(layout: Layout) -> dict:
-    return {S.w_crop: layout.w_crop, S.h_crop: layout.h_crop}
-
-
-def dtype_values(dtype: str = DEFAULT_DTYPE) -> dict:
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    return {S.dtype_bytes: DTYPES[dtype]}
-
-
-def sequence_values(text_tokens: int = DEFAULT_TEXT_TOKENS, output_tokens: int = DEFAULT_OUTPUT_TOKENS) -> dict:
-    for name, v, lo in (("text_tokens", text_tokens, 0), ("output_tokens", output_tokens, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            why = " (the prefill yields the first token; for the prompt alone use the scope decoder.prefill)" \
-                if name == "output_tokens" else ""
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}{why}")
-    return {S.text_tokens: text_tokens, S.output_tokens: output_tokens}
-
-
 def sequence_record(layout: Layout, text_tokens: int = DEFAULT_TEXT_TOKENS,
                     output_tokens: int = DEFAULT_OUTPUT_TOKENS, mode: Mode = MODE) -> dict:
-    sequence_values(text_tokens, output_tokens)
-    prompt = 1 + text_tokens + tokens_for(layout, mode)["total"]
-    if prompt + output_tokens - 1 > MAX_POSITIONS:
-        raise ValueError(f"the prompt ({prompt} tokens) and {output_tokens:,} output tokens need "
-                         f"{prompt + output_tokens - 1:,} positions; the language model has {MAX_POSITIONS:,} "
-                         f"(at most {MAX_POSITIONS - prompt + 1:,} output tokens for this page)")
-    return {"text_tokens": text_tokens, "output_tokens": output_tokens, "prompt_tokens": prompt,
-            "decode_forwards": output_tokens - 1, "final_context": prompt + output_tokens - 1}
+    return prompt_record(tokens_for(layout, mode)["total"], text_tokens, output_tokens, MAX_POSITIONS)
 
 
 def layout_record(layout: Layout, mode: Mode = MODE) -> dict:

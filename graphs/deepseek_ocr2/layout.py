@@ -17,7 +17,7 @@ import numpy as np
 import sympy as sp
 
 from costgraph.graphs.deepseek_ocr.layout import (Layout, Layouts, check_max_num, check_size, closest_grids,
-                                                  crops_run, layout_for_grid)
+                                                  crops_run, layout_for_grid, refuse_pages)
 from . import symbols as S
 from .config import MAX_CROPS, MIN_CROPS, VISION, Mode
 
@@ -47,19 +47,8 @@ def global_view_size(widths, heights, side: int) -> tuple[np.ndarray, np.ndarray
 
 def check_pages(widths, heights, mode: Mode) -> None:
     """Pages the processor cannot handle are refused up front: a side that rounds to 0 in the global view."""
-    w = np.asarray(widths, dtype=np.int64)
-    h = np.asarray(heights, dtype=np.int64)
-    bad = (w <= 0) | (h <= 0)
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise ValueError(f"image size must be positive integers, got {w[k]}x{h[k]}")
-    gw, gh = global_view_size(w, h, mode.base_size)
-    bad = (gw == 0) | (gh == 0)
-    if bad.any():
-        k, n = int(np.argmax(bad)), int(bad.sum())
-        more = f" ({n - 1} more such pages)" if n > 1 else ""
-        raise ValueError(f"page {w[k]}x{h[k]} is too elongated: its {mode.base_size}-pixel global view would be "
-                         f"{gw[k]}x{gh[k]} pixels{more}")
+    refuse_pages(widths, heights, lambda w, h: global_view_size(w, h, mode.base_size),
+                 f"{mode.base_size}-pixel global view")
 
 
 def layouts_for(widths, heights, mode: Mode, max_num: int = MAX_CROPS) -> Layouts:
