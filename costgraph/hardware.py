@@ -26,6 +26,7 @@ class Hardware:
     memory: float           # bytes
     source: str = ""
     measurements: tuple = ()  # calibrated presets: the Measurement behind each figure
+    efficiency: object = None  # costgraph.timemodel.Efficiency (None: the documented GPU defaults)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -41,20 +42,34 @@ PRESETS: dict[str, Hardware] = {h.name: h for h in (
     Hardware("l4", 121 * TERA, 30.3 * TERA, 300 * GIGA, 24 * 2**30, "NVIDIA L4 datasheet"),
     Hardware("rtx-4090", 165.2 * TERA, 82.6 * TERA, 1008 * GIGA, 24 * 2**30,
              "NVIDIA Ada whitepaper (GeForce RTX 4090, FP16/BF16 tensor with FP32 accumulate)"),
+    # Serving GPUs (dense peaks; tensor = FP16/BF16 with FP32 accumulate where the vendor lists both).
+    Hardware("t4", 65 * TERA, 8.1 * TERA, 320 * GIGA, 16 * 2**30,
+             "NVIDIA T4 datasheet (FP16 tensor: Turing has no bf16, a bf16 model runs in fp16 there)"),
+    Hardware("a10", 125 * TERA, 31.2 * TERA, 600 * GIGA, 24 * 2**30, "NVIDIA A10 datasheet (BF16 tensor, dense)"),
+    Hardware("l40s", 362.05 * TERA, 91.6 * TERA, 864 * GIGA, 48 * 2**30, "NVIDIA L40S datasheet (BF16 tensor, dense)"),
+    Hardware("rtx-3090", 71 * TERA, 35.6 * TERA, 936.2 * GIGA, 24 * 2**30,
+             "NVIDIA Ampere GA102 whitepaper (GeForce RTX 3090, FP16/BF16 tensor with FP32 accumulate)"),
+    Hardware("rtx-5090", 209.5 * TERA, 104.8 * TERA, 1792 * GIGA, 32 * 2**30,
+             "NVIDIA Blackwell whitepaper (GeForce RTX 5090, FP16/BF16 tensor with FP32 accumulate, dense)"),
+    Hardware("h20", 148 * TERA, 44 * TERA, 4000 * GIGA, 96 * 2**30, "NVIDIA H20 datasheet (BF16 tensor, dense)"),
 )}
 
 
 def names() -> list[str]:
-    return [*PRESETS, THIS_MACHINE]
+    return [*PRESETS, CPU, THIS_MACHINE]
 
 
 THIS_MACHINE = "this-machine"
+CPU = "cpu"   # this CPU as `costgraph calibrate` last measured it (costgraph.calibrate)
 
 
 def get_hardware(name: str, dtype: str = "bf16") -> Hardware:
     """A preset by name; `this-machine` calibrates now, its matmul figure measured in `dtype`."""
     if name == THIS_MACHINE:
         return calibrate(dtype=dtype)
+    if name == CPU:
+        from .calibrate import load
+        return load(dtype)
     try:
         return PRESETS[name]
     except KeyError:
