@@ -35,6 +35,7 @@ import sympy as sp
 
 from costgraph.dtypes import FLOAT32 as FP32, INT64 as INDEX
 from costgraph.graph import CostGraph, ScopeBuilder, Tensor
+from costgraph.ops import more_than_one
 from . import symbols as S
 from .config import LM, LMConfig, Mode
 from .layout import image_tokens
@@ -119,8 +120,17 @@ def kv_cache_bytes(cfg: LMConfig = LM, context=None) -> sp.Expr:
 
 # ---- the graph -------------------------------------------------------------------------------
 
+def expected_experts_hit(cfg: LMConfig, tokens) -> sp.Expr:
+    """Expected distinct experts one MoE layer runs for `tokens` tokens routed uniformly at random:
+    an expert misses one token's top-k with probability (E - k) / E, so E (1 - ((E - k) / E)^tokens).
+    One token: exactly k. The prediction for a batched decode step (B tokens, one per sequence);
+    `experts_hit_bound` min(E, k B) is its upper bound (reported beside it by `graphs.deepseek_ocr.serving`)."""
+    e, k = cfg.routed_experts, cfg.experts_per_token
+    return e * (1 - sp.Rational(e - k, e) ** sp.sympify(tokens))
+
+
 def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop_mode: bool = True,
-          image: Tensor | None = None, experts_hit: sp.Expr | None = None) -> None:
+          image: Tensor | None = None, experts_hit: sp.Expr | None = None, batch=1) -> None:
     """Add `decoder`, `decoder.prefill` and `decoder.decode` to `g`; `image` is the vision output.
 
     `experts_hit`: distinct experts each MoE layer runs in the prefill; None predicts the bound
@@ -128,87 +138,96 @@ def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop
     substitutes what the router did). Decode forwards run exactly k.
     """
     prompt = prompt_length(crop_mode)
-    hits = experts_hit_bound(cfg, prompt) if experts_hit is None else sp.sympify(experts_hit)
+    hits = experts_hit_bound(cfg, batch * prompt) if experts_hit is None else sp.sympify(experts_hit)
+    # batch: B sequences of the same prompt run together (weights read once per step, a KV cache
+    # each); a decode step's B tokens meet more experts (expected under uniform routing)
+    dec_hits = sp.Integer(cfg.experts_per_token) if batch == 1 else \
+        (expected_experts_hit(cfg, batch) if experts_hit is None else sp.sympify(experts_hit))
     g.scope("decoder", doc="the language model: prefill + every decode forward")
     pre = g.scope("decoder.prefill", doc="one forward over the L prompt tokens; yields the first output token")
-    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=image_slots(crop_mode), hits=hits)
+    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=image_slots(crop_mode), hits=hits,
+            batch=batch)
     dec = g.scope("decoder.decode", sum_over=(S.decode_step, 1, S.output_tokens - 1),
                   doc="decode forward t (one new token, context L + t), summed over t = 1..output_tokens-1")
-    forward(dec, cfg, variants, tokens=sp.Integer(1), past=decode_context(prompt) - 1,
-            hits=sp.Integer(cfg.experts_per_token))
+    forward(dec, cfg, variants, tokens=sp.Integer(1), past=decode_context(prompt) - 1, hits=dec_hits, batch=batch)
 
 
 def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, past, hits, image: Tensor | None = None,
-            slots=None) -> Tensor:
+            slots=None, batch=1) -> Tensor:
     """One forward of `tokens` new tokens over a KV cache holding `past` earlier ones (0: the prefill)."""
     prefill = sp.sympify(past) == 0
     hid = cfg.hidden
-    ids = b.input("input_ids", (1, tokens), itemsize=INDEX)
+    ids = b.input("input_ids", (batch, tokens), itemsize=INDEX)
     x = b.op("embed_tokens", "embedding", ids, num_embeddings=cfg.vocab, embedding_dim=hid,
              out_itemsize=S.dtype_bytes)
     if prefill:
         # image slots hold placeholder ids; the projector's tokens are written over their embeddings
-        feats = image if image is not None else b.input("image_features", (slots, hid))
+        feats = image if image is not None else b.input("image_features", (batch * slots, hid))
         x = b.op("image_scatter", "masked_scatter_", x, feats)
     pos = b.op("position_ids", "position_ids", tokens=tokens, out_itemsize=INDEX)
     mask = None
     if v.attention == "eager":
-        mask = b.op("attention_mask", "causal_mask", pos, keys=sp.sympify(past) + tokens, out_itemsize=S.dtype_bytes)
+        mask = b.op("attention_mask", "causal_mask", pos, keys=sp.sympify(past) + tokens, out_itemsize=S.dtype_bytes,
+                    **({"batch": batch} if batch != 1 else {}))
     tables = None
     if v.rope == "once":
         tables = b.op("rotary_emb", "rope_tables", pos, head_dim=cfg.head_dim, matmul=False,
                       out_itemsize=S.dtype_bytes)
     for i, kind in enumerate(cfg.mlp_layer_types):
-        x = layer(b, x, i, kind, cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables, hits=hits)
+        x = layer(b, x, i, kind, cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables, hits=hits,
+                  batch=batch)
     x = b.op("norm", "rms_norm", x, eps=cfg.rms_norm_eps)
     if prefill and v.lm_head == "last":
-        x = b.op("lm_head.last_position", "slice", x, shape=(1, 1, hid))
+        x = b.op("lm_head.last_position", "slice", x, shape=(batch, 1, hid))
     logits = b.op("lm_head", "linear", x, in_features=hid, out_features=cfg.vocab, bias=False)
     return b.op("next_token", "argmax_last", logits, out_itemsize=INDEX)  # greedy: the last position's argmax
 
 
 def layer(b: ScopeBuilder, x: Tensor, i: int, kind: str, cfg: LMConfig, v: Variants, *, tokens, past, pos,
-          mask, tables, hits) -> Tensor:
+          mask, tables, hits, batch=1) -> Tensor:
     p = f"layers.{i}"
     h = b.op(f"{p}.input_layernorm", "rms_norm", x, eps=cfg.rms_norm_eps)
-    h = self_attn(b, h, f"{p}.self_attn", cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables)
+    h = self_attn(b, h, f"{p}.self_attn", cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables,
+                  batch=batch)
     x = b.op(f"{p}.residual_attn", "add", x, h)
     h = b.op(f"{p}.post_attention_layernorm", "rms_norm", x, eps=cfg.rms_norm_eps)
     if kind == "dense":
         h = swiglu(b, h, f"{p}.mlp", cfg.hidden, cfg.dense_intermediate)
     else:
-        h = moe(b, h, f"{p}.mlp", cfg, tokens, hits)
+        h = moe(b, h, f"{p}.mlp", cfg, tokens, hits, batch)
     return b.op(f"{p}.residual_mlp", "add", x, h)
 
 
 def self_attn(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, v: Variants, *, tokens, past, pos, mask,
-              tables) -> Tensor:
+              tables, batch=1) -> Tensor:
     nh, hd, hid = cfg.heads, cfg.head_dim, cfg.hidden
     causal = ATTENTION[v.attention]
     q, k, val = (b.op(f"{p}.{n}_proj", "linear", h, in_features=hid, out_features=nh * hd, bias=False)
                  for n in "qkv")
-    q, k, val = (b.op(f"{p}.{n}_heads", "reshape", t, shape=(1, nh, tokens, hd))
+    q, k, val = (b.op(f"{p}.{n}_heads", "reshape", t, shape=(batch, nh, tokens, hd))
                  for n, t in zip("qkv", (q, k, val)))
     if v.rope == "vendor":
         # every attention layer recomputes its cos/sin: inv_freq (pairs x 1) @ positions (1 x T)
         tables = b.op(f"{p}.rotary_emb", "rope_tables", pos, head_dim=hd, matmul=True, out_itemsize=S.dtype_bytes)
     q = b.op(f"{p}.rotary_q", "rope_apply", q, tables)
     k = b.op(f"{p}.rotary_k", "rope_apply", k, tables)
-    pk = b.input(f"{p}.past_key", (1, nh, past, hd))
-    pv = b.input(f"{p}.past_value", (1, nh, past, hd))
+    pk = b.input(f"{p}.past_key", (batch, nh, past, hd))
+    pv = b.input(f"{p}.past_value", (batch, nh, past, hd))
     k = b.op(f"{p}.cache_key", "cache_update", pk, k)
     val = b.op(f"{p}.cache_value", "cache_update", pv, val)
     if v.attention == "eager":
-        s = b.op(f"{p}.scores", "attention_scores", q, k, causal=causal)
+        # several sequences of several tokens: q (rotated in its tokens-major layout) is copied for the bmm
+        copy = {"q_copy": more_than_one(batch)} if batch != 1 and sp.sympify(tokens) != 1 else {}
+        s = b.op(f"{p}.scores", "attention_scores", q, k, causal=causal, **copy)
         s = b.op(f"{p}.scale", "scalar_mul", s)
         s = b.op(f"{p}.causal_mask", "add", s, mask)
         s = b.op(f"{p}.softmax", "softmax_fp32", s, out_itemsize=S.dtype_bytes)
         o = b.op(f"{p}.probs_values", "attention_values", s, val, causal=causal)
         # (1, heads, T, hd) -> (1, T, heads, hd): a copy, except for one token (already contiguous)
-        o = b.op(f"{p}.merge_heads", "heads_merge", o, shape=(1, tokens, nh * hd), copies=sp.sympify(tokens) != 1)
+        o = b.op(f"{p}.merge_heads", "heads_merge", o, shape=(batch, tokens, nh * hd), copies=sp.sympify(tokens) != 1)
     else:
         o = b.op(f"{p}.attention", "fused_attention", q, k, val, causal=causal)
-        o = b.op(f"{p}.merge_heads", "reshape", o, shape=(1, tokens, nh * hd))
+        o = b.op(f"{p}.merge_heads", "reshape", o, shape=(batch, tokens, nh * hd))
     return b.op(f"{p}.o_proj", "linear", o, in_features=nh * hd, out_features=hid, bias=False)
 
 
@@ -220,11 +239,12 @@ def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int) -> Tenso
     return b.op(f"{p}.down_proj", "linear", m, in_features=inter, out_features=hidden, bias=False)
 
 
-def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tensor:
+def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1) -> Tensor:
     """fp32 router, greedy top-k, the eager experts loop (k routed rows per token), the shared expert."""
     hid, k, inter, e = cfg.hidden, cfg.experts_per_token, cfg.moe_intermediate, cfg.routed_experts
-    rows = tokens * k   # whatever the router decides: k distinct experts per token
-    flat = b.op(f"{p}.flatten", "reshape", h, shape=(tokens, hid))
+    n = batch * tokens   # the experts loop sees the batch's tokens as one list
+    rows = n * k   # whatever the router decides: k distinct experts per token
+    flat = b.op(f"{p}.flatten", "reshape", h, shape=(n, hid))
     r = b.op(f"{p}.gate.cast", "cast", flat, out_itemsize=FP32)
     logits = b.op(f"{p}.gate", "linear", r, in_features=hid, out_features=e, bias=False, weight_itemsize=FP32)
     scores = b.op(f"{p}.gate.softmax", "softmax_fp32", logits, out_itemsize=FP32)
@@ -246,14 +266,16 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tens
     out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32)
     out = b.op(f"{p}.experts.cast", "cast", out, out_itemsize=S.dtype_bytes)
     out = b.op(f"{p}.experts.combine", "index_add_", acc, out, where, hits=hits)
-    routed = b.op(f"{p}.experts.unflatten", "reshape", out, shape=(1, tokens, hid))
+    routed = b.op(f"{p}.experts.unflatten", "reshape", out, shape=(batch, tokens, hid))
     shared = swiglu(b, h, f"{p}.shared_experts", hid, cfg.shared_intermediate)
     return b.op(f"{p}.add_shared", "add", routed, shared)
 
 
 def decoder_graph(cfg: LMConfig = LM, variants: Variants = VENDOR, crop_mode: bool = True,
-                  experts_hit: sp.Expr | None = None) -> CostGraph:
-    """The language model alone (its image input is a placeholder of the right length)."""
-    g = CostGraph("deepseek-ocr.decoder", params={"crop_mode": crop_mode, **variants.as_dict()})
-    build(g, cfg, variants, crop_mode=crop_mode, experts_hit=experts_hit)
+                  experts_hit: sp.Expr | None = None, batch=1) -> CostGraph:
+    """The language model alone (its image input is a placeholder of the right length); `batch`
+    sequences of the same prompt run together (`costgraph.symbols.batch` keeps it symbolic)."""
+    g = CostGraph("deepseek-ocr.decoder", params={"crop_mode": crop_mode, **variants.as_dict(),
+                                                  **({"batch": batch} if batch != 1 else {})})
+    build(g, cfg, variants, crop_mode=crop_mode, experts_hit=experts_hit, batch=batch)
     return g
