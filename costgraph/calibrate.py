@@ -4,7 +4,7 @@ Per storage dtype (fp32: the vision reference's; bf16: the language model's):
 - peaks as `costgraph.hardware.calibrate` measures them (best of several samples): a 2048^3 matmul,
   fp32 elementwise in cache, a DRAM copy;
 - efficiencies, each the median over shapes the model runs of the best achieved rate over timed
-  calls, divided by its peak: large GEMMs (prompt x hidden x MLP widths, a crop batch's tokens x 768 x 2304), attention
+  calls, divided by its peak: large GEMMs (prompt x hidden x MLP widths, a vision batch's tokens x 768 x 2304), attention
   products (heads x 1000 x 128 bmm), skinny GEMMs (1 and 6 rows against the LM's weights: bytes/s,
   the weight stream), elementwise ops and copies on activation-sized tensors (a few MB: what a
   prefill's activations are; they live in L2/L3 here, so this is not the DRAM figure), and the
@@ -18,25 +18,18 @@ import json
 import os
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from .dtypes import torch_dtype
-from .hardware import Hardware, Measurement, calibrate as calibrate_peaks
-from .timemodel import Efficiency
+from .hardware import BUNDLED, CPU, Efficiency, Hardware, calibrate as calibrate_peaks, user_path
 
-BUNDLED = Path(__file__).with_name("presets") / "cpu.json"
-CPU = "cpu"
 DTYPES = ("fp32", "bf16")
 
 GEMM_SHAPES = ((1024, 1280, 1280), (903, 1280, 6848), (1600, 768, 2304), (400, 1024, 4096))
 ATTENTION_SHAPES = ((10, 903, 128, 903), (12, 196, 64, 196), (16, 101, 64, 101))   # heads, q, dim, keys
 SKINNY_SHAPES = ((1, 1280, 6848), (1, 1280, 1792), (1, 1280, 1280), (1, 896, 1280), (1, 1280, 129280 // 4))
 ACTIVATION_ELEMENTS = 903 * 1280   # one page-sized prompt's hidden states
-
-
-def user_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "costgraph" / "cpu.json"
 
 
 def _best_seconds(fn, min_time: float = 0.2, max_calls: int = 200) -> float:
@@ -132,22 +125,3 @@ def write(result: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)   # never a half-written preset
-
-
-def load(dtype: str = "bf16", path: Path | None = None) -> Hardware:
-    """The `cpu` preset for `dtype`: `path`, else the user's calibration, else the bundled one."""
-    for p in ([path] if path else [user_path(), BUNDLED]):
-        if p is not None and p.exists():
-            data = json.loads(p.read_text())
-            break
-    else:
-        raise ValueError(f"no cpu preset: run `costgraph calibrate` (looked in {user_path()} and {BUNDLED})")
-    if dtype not in data["presets"]:
-        raise ValueError(f"the cpu preset has no {dtype} calibration (has {', '.join(data['presets'])})")
-    rec = data["presets"][dtype]
-    h = dict(rec["hardware"])
-    ms = tuple(Measurement(**m) for m in h.pop("measurements", ()))
-    eff_fields = {f.name for f in fields(Efficiency)}
-    eff = Efficiency(**{k: v for k, v in rec["efficiency"].items() if k in eff_fields})
-    h["source"] += f"; measured {data['measured']}, load average {data['load_average'][0]}"
-    return Hardware(**h, measurements=ms, efficiency=eff)

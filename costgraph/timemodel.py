@@ -27,7 +27,7 @@ calibrate or adjust them). The engine knows no model: kinds are `costgraph.ops` 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -35,7 +35,7 @@ import sympy as sp
 
 from . import roofline as RL
 from .evaluate import Compiled
-from .hardware import Hardware
+from .hardware import GPU_DEFAULT, Efficiency, Hardware
 from . import symbols as S
 from .ops import converts
 
@@ -62,6 +62,7 @@ def _kernels(kind: str, attrs: dict, out_itemsize) -> sp.Expr:
         "expert_mask": 8,                    # aminmax, 2 item, zeros, scatter_, sum, gt, nonzero
         "expert_select": 6,                  # per hit: eq, 4 scalar reads, nonzero
         "heads_merge": _flag(attrs.get("copies", False)),
+        "attention_scores": 1 + sp.sympify(attrs.get("q_copy", 0)),   # bmm (+ the copy of q)
     }
     if kind in ("reshape", "flatten", "slice", "permute", "window_partition", "window_unpartition"):
         return _flag(attrs.get("copy", False))
@@ -76,32 +77,6 @@ def _flag(v) -> sp.Expr:
     if isinstance(v, (bool, sp.logic.boolalg.BooleanAtom)):
         return sp.Integer(int(bool(v)))
     return sp.sympify(v)
-
-
-@dataclass(frozen=True)
-class Efficiency:
-    """Achieved fractions of a preset's peaks, per op class, and the per-kernel overhead."""
-    gemm: float          # large GEMM (and convolution): fraction of tensor_flops
-    attention: float     # attention products: fraction of tensor_flops
-    vector: float        # elementwise arithmetic: fraction of vector_flops
-    stream: float        # matmul operand traffic (a skinny GEMM's weight stream): fraction of bandwidth
-    elementwise: float   # elementwise ops' traffic: fraction of bandwidth
-    copy: float          # copies, casts, gathers: fraction of bandwidth
-    launch: float        # seconds per kernel launch / dispatch (eager)
-    skinny: float = 32.0  # FLOP/byte below which a matmul is skinny (GEMV-like)
-    source: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-# Documented defaults for GPUs (not measurements): cuBLAS bf16 GEMMs of transformer sizes reach about
-# 70 % of the dense tensor peak; flash-attention 2 about 50 % (A100 forward, head dim 128); memory-bound
-# kernels about 80 % of the datasheet bandwidth (GEMV weight streaming, elementwise), copies 85 %;
-# PyTorch eager about 8 us of host dispatch + launch per kernel (hidden when the GPU is busier than that,
-# which max() per node does not see: an eager decode step is launch-bound).
-GPU_DEFAULT = Efficiency(gemm=0.7, attention=0.5, vector=0.6, stream=0.8, elementwise=0.8, copy=0.85,
-                         launch=8e-6, source="documented defaults for GPUs (rules of thumb, not measured)")
 
 
 def efficiency_for(hw: Hardware) -> Efficiency:
@@ -119,21 +94,23 @@ class StageTimes:
         self.metrics = RL.stage_model(graph, scope, fixed)
         self.nodes = self.metrics.nodes
         self.classes = np.array([CLASS.get(graph.g.nodes[n]["kind"], ELEMENTWISE) for n in self.nodes])
-        exprs = {}
-        for i, n in enumerate(self.nodes):
+        unique: dict[sp.Expr, str] = {}   # repeated layers: each distinct count compiled once
+        self._keys = []
+        for n in self.nodes:
             d = graph.g.nodes[n]
             attrs = dict(d["attrs"])
             if d["in_itemsizes"]:
                 attrs["_in_itemsize"] = d["in_itemsizes"][0]
-            exprs[f"k{i}"] = sp.expand(RL._factor(graph, n) * _kernels(d["kind"], attrs, d["out_itemsize"]))
-        self._kernels = Compiled(exprs, fixed=fixed)
+            e = RL._factor(graph, n) * _kernels(d["kind"], attrs, d["out_itemsize"])
+            self._keys.append(unique.setdefault(e, f"k{len(unique)}"))
+        self._kernels = Compiled({key: e for e, key in unique.items()}, fixed=fixed)
         self.args = sorted(set(self.metrics.args) | {s.name for s in self._kernels.args})
 
     def evaluate(self, values: dict) -> tuple[dict, np.ndarray]:
         raw = self.metrics.raw(values)
         shape = raw["flops"].shape[1:]
         k = self._kernels(**{a.name: values[a.name] for a in self._kernels.args})
-        kernels = np.stack([np.broadcast_to(k[f"k{i}"], shape) for i in range(len(self.nodes))]) \
+        kernels = np.stack([np.broadcast_to(k[key], shape) for key in self._keys]) \
             if self.nodes else np.zeros((0, *shape))
         return raw, kernels
 

@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
                    help="every crop grid the layout can produce plus no crops, and every native mode")
     g.add_argument("--symbolic", action="store_true",
                    help="torch's own sympy FLOPs (FakeTensorMode + ShapeEnv) against the graph's expressions")
+    g.add_argument("--timing", action="store_true",
+                   help="measured time on this CPU against the time model, per stage (costgraph.verify.timing; "
+                        "--skip-lm: vision only; the LM needs ~6 GB: run under flock /work/heavy.lock)")
+    q.add_argument("--skip-lm", action="store_true", help="--timing: vision only")
     q.add_argument("--device", default="meta", choices=["meta", "cpu"],
                    help="meta: counts only (fast); cpu: a real forward with random weights")
     q.add_argument("--scope", default="vision", help="what to verify: vision, decoder.prefill, decoder.decode, "
@@ -148,6 +152,10 @@ def cmd_verify(args) -> int:
 
     if getattr(args, "model", "deepseek-ocr") == "vit":
         return _verify_vit(args)
+    if args.timing:
+        from costgraph.verify import timing
+        timing.main((["--skip-lm"] if args.skip_lm else []) + (["--json"] if args.json else []))
+        return 0
 
     lm_profile.register(VERIFIERS)  # decoder.prefill, decoder.decode, decoder, e2e
 
