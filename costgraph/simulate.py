@@ -7,7 +7,8 @@ prompts) and runs their encoders and prefill together, each yielding its first t
 *decode step* advances every running sequence by one token. A sequence that needs a new KV block
 when none is free preempts the latest admitted one (vLLM's recompute: it waits again and redoes its
 prefill over prompt + tokens so far). `batching="static"` is a plain HF batch: a new batch only when
-the last one has finished entirely (every sequence runs as long as the longest: padding).
+the last one has finished entirely (every sequence decodes as long as the longest, padding, and all
+are returned together).
 
 What a step costs comes from the caller (`StepTimes`: seconds of a prefill of n sequences, of a decode
 step of n sequences at a mean context), so the simulator knows no model; the time model
@@ -164,8 +165,10 @@ def simulate(requests: list[Request], times: StepTimes, limits: Limits, progress
                         s.first = env.now
                     s.done += 1
                 record("prefill")
-                for s in [s for s in batch if s.done >= s.req.output_tokens]:
-                    finish(s)
+                ended = [s for s in batch if s.done >= s.req.output_tokens]
+                if limits.batching != "static" or len(ended) == len(running):
+                    for s in ended:
+                        finish(s)
                 continue
             if not running:   # nothing fits and nothing runs: a request larger than the cache
                 s = waiting.pop(0)
@@ -193,7 +196,10 @@ def simulate(requests: list[Request], times: StepTimes, limits: Limits, progress
             for s in running:
                 s.done += 1
             record("decode")
-            for s in [s for s in running if s.done >= s.req.output_tokens]:
+            ended = [s for s in running if s.done >= s.req.output_tokens]
+            if limits.batching == "static" and len(ended) < len(running):
+                continue   # HF generate: the finished keep decoding padding until the longest ends
+            for s in ended:
                 finish(s)
 
     env.process(arrivals())

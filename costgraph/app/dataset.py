@@ -67,7 +67,8 @@ def csv_sizes(path: str) -> list[dict]:
                 rec["output_tokens"] = int(r["output_tokens"])
             out.append(rec)
         except (KeyError, TypeError, ValueError):
-            print(f"costgraph: error: {path}:{i}: needs integer width,height columns", file=sys.stderr)
+            print(f"costgraph: error: {path}:{i} ({r.get('file') or 'no file'}): needs integer width,height "
+                  "columns", file=sys.stderr)
     return out or _none(path)
 
 
