@@ -28,9 +28,6 @@ from costgraph.verify.lm_reference import build_language_model
 TINY, GUNDAM = MODES["tiny"], MODES["gundam"]
 SMALL = LMConfig(hidden=64, layers=3, heads=4, head_dim=16, vocab=101, dense_intermediate=96,
                  routed_experts=8, experts_per_token=3, moe_intermediate=24, shared_experts=2)
-WIDE = LMConfig(hidden=32, layers=3, heads=2, head_dim=16, vocab=50, dense_intermediate=40,
-                routed_experts=256, experts_per_token=2, moe_intermediate=8, shared_experts=1)
-
 
 # ---- B = 1 is the per-page graph ---------------------------------------------------------------------
 
@@ -82,7 +79,7 @@ def test_expected_experts():
 
 @pytest.mark.parametrize("cfg,variants,dtype,batch", [
     (SMALL, Variants(), torch.bfloat16, 3),
-    (WIDE, Variants(rope="once", lm_head="last"), torch.float32, 2),
+    (SMALL, Variants(rope="once", lm_head="last"), torch.float32, 2),
 ])
 def test_batched_lm_exact(cfg, variants, dtype, batch):
     """A prefill of B prompts and two decode steps of B sequences: every metric of every module, the KV
@@ -122,6 +119,18 @@ def test_kernel_counts_exact(batch):
     """The time model's launches per forward: the kernels the reference dispatches (non-view aten ops)."""
     for scope, (predicted, measured) in _kernels_run(batch).items():
         assert predicted == measured, (scope, predicted, measured)
+
+
+def test_vision_batch_of_pages():
+    """Three pages of different layouts through the vision reference (meta: FLOPs), image by image as
+    both engines run them: the sum of the per-page predictions, exactly."""
+    from costgraph.verify.preprocess import meta_views
+    from costgraph.verify.runner import measure_page
+
+    layouts = [SV.page(GUNDAM, w, h, SV.ENGINES["vllm"], 10, 10).layout for w, h in ((1654, 2339), (700, 600), (640, 480))]
+    assert [(l.w_crop, l.h_crop, l.tiled) for l in layouts] == [(2, 3, True), (2, 2, True), (1, 1, False)]
+    measured = sum(measure_page(meta_views(GUNDAM, l))[0].total() for l in layouts)
+    assert measured == SV.vision_batch(GUNDAM, layouts) > 0
 
 
 # ---- the time model -------------------------------------------------------------------------------

@@ -112,7 +112,9 @@ def lines(rec: dict, pages) -> list[str]:
            f"memory: {m['gpu_bytes'] / 2**30:.0f} GiB x {m['utilization']} - weights {m['weight_bytes'] / 2**30:.2f} GiB"
            f" - activations {m['activation_bytes'] / 2**30:.2f} GiB -> {m['kv_blocks']:,} KV blocks of "
            f"{m['kv_block_tokens']} tokens ({m['kv_capacity_tokens']:,} tokens, {m['max_sequences_by_kv']} sequences "
-           f"of this length); max_num_seqs {rec['limits']['max_num_seqs']}",
+           f"of this length); max_num_seqs {rec['limits']['max_num_seqs']}"
+           + (f", batch that fits {rec['limits']['batch_that_fits']}"
+              if rec['limits']['batch_that_fits'] < rec['limits']['max_num_seqs'] else ""),
            ""]
     rows = [["pages/s", f"{rec['pages_per_second']:,.2f}"], ["pages/day", f"{rec['pages_per_day']:,.0f}"],
             ["output tokens/s", f"{rec['output_tokens_per_second']:,.0f}"],

@@ -114,6 +114,13 @@ def batched_graph(crop_mode: bool, engine_name: str, batch=ES.batch) -> CostGrap
     return _vllm(g) if e.paged else g
 
 
+def vision_batch(mode: Mode, layouts: list[Layout], metric: str = "flops", dtype: str = "bf16") -> int:
+    """A batch of pages through the vision encoders: both engines encode image by image (the global
+    view, then the page's crop batch), so the batch costs the sum of its pages' `vision` totals."""
+    f = assembly.formula(mode, "vision", metric)
+    return sum(substitute(f, {**assembly.layout_values(l), **assembly.dtype_values(dtype)}) for l in layouts)
+
+
 def decode_experts(batch: int) -> dict:
     """Distinct experts one MoE layer runs in a decode step of `batch` sequences: the prediction and the bound."""
     return {"expected_uniform": float(expected_experts_hit(LM, batch)),
@@ -240,13 +247,24 @@ def serve(mode: Mode, pages: list[Page], eng: Engine, hw, cfg: ServeConfig = Ser
         budget = max(budget, cfg.max_num_seqs * max(prompts.values()))   # HF: one padded batch, no token budget
     # memory: weights, the activations reserved, the rest for KV blocks
     any_page = next(iter(kinds.values()))
+    longest = max(kinds, key=lambda k: prompts[k] + kinds[k].output_tokens)
     w = weight_bytes(mode, dtype)
-    act = activation_bytes(mode, any_page, min(budget, cfg.max_num_seqs * max(prompts.values())), eng, dtype)
     per_tok = kv_bytes_per_token(dtype)
-    free = cfg.gpu_memory_utilization * hw.memory - w - act
-    if free < block * per_tok:
+    room = cfg.gpu_memory_utilization * hw.memory - w
+    max_seqs = cfg.max_num_seqs
+    if eng.batching == "static":
+        # HF: a batch must hold every sequence's whole cache and its prefill activations at once (no paging,
+        # no preemption: beyond that it runs out of memory), so the batch is what fits
+        per_seq = activation_bytes(mode, kinds[longest], prompts[longest], eng, dtype) + \
+            (prompts[longest] + kinds[longest].output_tokens) * per_tok
+        max_seqs = min(max_seqs, int(room // per_seq))
+        act = activation_bytes(mode, kinds[longest], max(1, max_seqs) * prompts[longest], eng, dtype)
+    else:
+        act = activation_bytes(mode, any_page, min(budget, cfg.max_num_seqs * max(prompts.values())), eng, dtype)
+    free = room - act
+    if free < block * per_tok or max_seqs < 1:
         raise ValueError(f"{hw.name}: {cfg.gpu_memory_utilization:.0%} of {hw.memory / 2**30:.0f} GiB leaves no room "
-                         f"for a KV block after {w / 2**30:.2f} GiB of weights and {act / 2**30:.2f} GiB of activations")
+                         f"for a sequence after {w / 2**30:.2f} GiB of weights and {act / 2**30:.2f} GiB of activations")
     kv_blocks = int(free // (block * per_tok))
     # step-time tables (vectorised, once): prefill per page kind over batch sizes, decode over batch x context
     most = min(cfg.max_num_seqs, max(1, budget // min(prompts.values())))
@@ -270,7 +288,7 @@ def serve(mode: Mode, pages: list[Page], eng: Engine, hw, cfg: ServeConfig = Ser
 
     reqs = [Request(prompts[p.key], p.output_tokens, vis[p.key], (i / cfg.rate) if cfg.rate else 0.0, key=p.key)
             for i, p in enumerate(pages)]
-    limits = Limits(cfg.max_num_seqs, budget, cfg.max_model_len, block, kv_blocks, block * per_tok, eng.batching)
+    limits = Limits(max_seqs, budget, cfg.max_model_len, block, kv_blocks, block * per_tok, eng.batching)
     res = simulate(reqs, StepTimes(prefill_time, decode_time), limits, progress)
     out = res.summary()
     out["memory"] = {"gpu_bytes": hw.memory, "utilization": cfg.gpu_memory_utilization, "weight_bytes": w,
@@ -285,7 +303,7 @@ def serve(mode: Mode, pages: list[Page], eng: Engine, hw, cfg: ServeConfig = Ser
                            f"decode_step_batch_{n_typ}_at_prompt": float(dec[n_typ - 1][0]),
                            "decode_step_batch_1_at_prompt": float(dec[0][0])}
     out["decode_experts_hit"] = decode_experts(n_typ)
-    out["limits"] = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": budget,
+    out["limits"] = {"max_num_seqs": cfg.max_num_seqs, "batch_that_fits": max_seqs, "max_num_batched_tokens": budget,
                      "max_model_len": cfg.max_model_len, "block_size": block,
                      "arrival": f"{cfg.rate} pages/s" if cfg.rate else "all at once"}
     return out
