@@ -7,7 +7,8 @@ Per storage dtype (fp32: the vision reference's; bf16: the language model's):
   calls, divided by its peak: large GEMMs (prompt x hidden x MLP widths, a vision batch's tokens x 768 x 2304), attention
   products (heads x 1000 x 128 bmm), skinny GEMMs (1 and 6 rows against the LM's weights: bytes/s,
   the weight stream), elementwise ops and copies on activation-sized tensors (a few MB: what a
-  prefill's activations are; they live in L2/L3 here, so this is not the DRAM figure), and the
+  prefill's activations are; they live in L2/L3 here) and on 64 MiB (past the caches: the DRAM figures
+  used for larger ops, `cache_bytes` read from sysfs), and the
   overhead per kernel of a forward (16 tiny residual blocks through nn.Module: no work, only dispatch).
 The result is written as JSON (`--out`; default `~/.cache/costgraph/cpu.json`), and the preset `cpu`
 reads it (else the bundled one, `costgraph/presets/cpu.json`, with the date and load it was measured at).
@@ -30,6 +31,24 @@ GEMM_SHAPES = ((1024, 1280, 1280), (903, 1280, 6848), (1600, 768, 2304), (400, 1
 ATTENTION_SHAPES = ((10, 903, 128, 903), (12, 196, 64, 196), (16, 101, 64, 101))   # heads, q, dim, keys
 SKINNY_SHAPES = ((1, 1280, 6848), (1, 1280, 1792), (1, 1280, 1280), (1, 896, 1280), (1, 1280, 129280 // 4))
 ACTIVATION_ELEMENTS = 903 * 1280   # one page-sized prompt's hidden states
+DRAM_ELEMENTS = 1 << 24            # 32-64 MiB: past the caches
+
+
+def cache_bytes() -> int:
+    """L2 per core x cores + the shared L3 (Linux sysfs); 0 when unknown (one regime)."""
+    total = 0
+    try:
+        base = Path("/sys/devices/system/cpu/cpu0/cache")
+        for d in base.glob("index*"):
+            level, kind = int((d / "level").read_text()), (d / "type").read_text().strip()
+            if level < 2 or kind == "Instruction":
+                continue
+            size = (d / "size").read_text().strip()
+            n = int(size[:-1]) * {"K": 1024, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
+            total += n * ((os.cpu_count() or 1) if level == 2 else 1)
+    except (OSError, ValueError, KeyError):
+        return 0
+    return total
 
 
 def _best_seconds(fn, min_time: float = 0.2, max_calls: int = 200) -> float:
@@ -94,13 +113,20 @@ def measure(dtype: str) -> tuple[Hardware, Efficiency, dict]:
         out = torch.empty_like(x)
         s = _best_seconds(lambda: out.copy_(x))
         detail["copy"] = [2 * ACTIVATION_ELEMENTS * size / s / hw.bandwidth]
+        x, y = torch.randn(DRAM_ELEMENTS, dtype=td), torch.randn(DRAM_ELEMENTS, dtype=td)
+        s = _best_seconds(lambda: torch.add(x, y), max_calls=20)
+        detail["elementwise_dram"] = [3 * DRAM_ELEMENTS * size / s / hw.bandwidth]
+        out = torch.empty_like(x)
+        s = _best_seconds(lambda: out.copy_(x), max_calls=20)
+        detail["copy_dram"] = [2 * DRAM_ELEMENTS * size / s / hw.bandwidth]
         block, tiny = _Block(), torch.ones(1, 8)
         s = _best_seconds(lambda: block(tiny), max_calls=2000)
         detail["launch"] = [s / _Block.kernels]
     mean = lambda xs: float(statistics.median(xs))
     eff = Efficiency(gemm=mean(detail["gemm"]), attention=mean(detail["attention"]), vector=1.0,
                      stream=mean(detail["stream"]), elementwise=mean(detail["elementwise"]),
-                     copy=mean(detail["copy"]), launch=detail["launch"][0],
+                     copy=mean(detail["copy"]), launch=detail["launch"][0], cache_bytes=float(cache_bytes()),
+                     elementwise_dram=mean(detail["elementwise_dram"]), copy_dram=mean(detail["copy_dram"]),
                      source=f"calibrated on this machine ({dtype}): medians of microbenchmarks / the preset's peaks")
     return replace(hw, name=CPU), eff, detail
 

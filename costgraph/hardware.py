@@ -27,6 +27,10 @@ class Efficiency:
     launch: float        # seconds per kernel launch / dispatch (eager)
     skinny: float = 32.0  # FLOP/byte below which a matmul is skinny (GEMV-like)
     source: str = ""
+    # a CPU's caches: an op whose traffic exceeds `cache_bytes` runs at the DRAM fractions (0: one regime)
+    cache_bytes: float = 0.0
+    elementwise_dram: float | None = None
+    copy_dram: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

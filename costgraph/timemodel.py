@@ -15,6 +15,8 @@ Per node (one execution of its stage, batch multiplicities included, as `costgra
   weights, so its memory side runs at `e.stream`; a large GEMM at `e.gemm` of the tensor peak.
   (For a bf16 GEMM of M rows against a K x N weight the intensity is about M, so the regime is a
   row count read off the graph's own FLOPs and bytes, no shape inspection needed.)
+- cache regime (CPU presets): an elementwise op or copy whose traffic exceeds the caches (`cache_bytes`)
+  runs at the DRAM fractions (`elementwise_dram`, `copy_dram`), a smaller one at the in-cache ones.
 - max(): a kernel overlaps its loads with its arithmetic; nothing overlaps across nodes (eager).
 - kernels: the aten kernels one node launches (`KERNELS`, by op kind; x its `launches` attr where a
   loop runs it per expert hit). CUDA graphs (vLLM decode) replay a step without per-kernel launch:
@@ -157,7 +159,10 @@ def predict(raw: dict, kernels: np.ndarray, classes: np.ndarray, nodes: list, hw
     skinny = (cls == MATMUL) & (intensity < eff.skinny)
     peak = np.where(cls == ATTENTION, eff.attention, eff.gemm) * hw.tensor_flops
     compute = f / peak + e / (hw.vector_flops * eff.vector)
-    bw = np.select([cls == COPY, cls == ELEMENTWISE, skinny], [eff.copy, eff.elementwise, eff.stream], eff.stream)
+    big = b > eff.cache_bytes if eff.cache_bytes else np.zeros(b.shape, dtype=bool)
+    copy = np.where(big, eff.copy_dram or eff.copy, eff.copy)
+    elementwise = np.where(big, eff.elementwise_dram or eff.elementwise, eff.elementwise)
+    bw = np.select([cls == COPY, cls == ELEMENTWISE, skinny], [copy, elementwise, eff.stream], eff.stream)
     memory = b / (hw.bandwidth * bw)
     overhead = kernels * (eff.launch if launch else 0.0)
     return Prediction(nodes, classes, compute, memory, overhead, kernels)
