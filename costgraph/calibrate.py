@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .dtypes import torch_dtype
-from .hardware import BUNDLED, CPU, Efficiency, Hardware, calibrate as calibrate_peaks, user_path
+from .hardware import CPU, Efficiency, Hardware, calibrate as calibrate_peaks
 
 DTYPES = ("fp32", "bf16")
 

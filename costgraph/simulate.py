@@ -104,7 +104,6 @@ def simulate(requests: list[Request], times: StepTimes, limits: Limits, progress
     seqs = [_Seq(r, i) for i, r in enumerate(requests)]
 
     def arrivals():
-        nonlocal arrived
         for s in sorted(seqs, key=lambda s: s.req.arrival):
             if s.req.arrival > env.now:
                 yield env.timeout(s.req.arrival - env.now)

@@ -13,7 +13,7 @@ import torch
 from costgraph import symbols as ES
 from costgraph import timemodel as TM
 from costgraph.evaluate import substitute
-from costgraph.hardware import GPU_DEFAULT, PRESETS, Efficiency, Hardware, get_hardware
+from costgraph.hardware import GPU_DEFAULT, PRESETS, Efficiency, get_hardware
 from costgraph.simulate import Limits, Request, StepTimes, simulate
 from costgraph.graphs.deepseek_ocr import assembly
 from costgraph.graphs.deepseek_ocr import serving as SV

@@ -8,9 +8,7 @@ A bad page file is reported and skipped; the rest go on. Output: a table, `--out
 """
 from __future__ import annotations
 
-import csv
 import json
-import os
 import sys
 
 import numpy as np
@@ -23,53 +21,10 @@ from costgraph.graphs.deepseek_ocr import assembly
 from costgraph.graphs.deepseek_ocr import serving as SV
 from costgraph.graphs.deepseek_ocr import symbols as S
 from costgraph.graphs.deepseek_ocr.config import MODES
-from costgraph.graphs.pages import page_size
+from .page_inputs import csv_sizes, output_tokens_of, page_input_args, page_sizes, pyplot, save_figure
 from .text import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 SERVE_LIMIT = 5000   # pages the serving simulation takes (a sample of a larger dataset, every n-th page)
-
-
-def folder_sizes(folder: str, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
-    if not os.path.isdir(folder):
-        raise UserError(f"not a folder: {folder}")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise UserError(f"no page images in {folder} ({', '.join(IMAGE_SUFFIXES)})")
-    out = []
-    for f in tqdm(files, desc="reading page sizes", disable=not progress or not sys.stderr.isatty(), file=sys.stderr):
-        try:
-            w, h = page_size(os.path.join(folder, f))
-            out.append({"file": f, "width": w, "height": h})
-        except (OSError, ValueError) as e:
-            print(f"costgraph: error: {f}: {e}", file=sys.stderr)
-            out.append({"file": f, "error": str(e)})
-    return [r for r in out if "error" not in r] if any("error" not in r for r in out) else _none(folder)
-
-
-def _none(where):
-    raise UserError(f"no readable page in {where}")
-
-
-def csv_sizes(path: str) -> list[dict]:
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    out = []
-    for i, r in enumerate(rows, 2):
-        try:
-            rec = {"file": r.get("file") or f"row {i}", "width": int(r["width"]), "height": int(r["height"])}
-            if r.get("output_tokens"):
-                rec["output_tokens"] = int(r["output_tokens"])
-            out.append(rec)
-        except (KeyError, TypeError, ValueError):
-            print(f"costgraph: error: {path}:{i} ({r.get('file') or 'no file'}): needs integer width,height "
-                  "columns", file=sys.stderr)
-    return out or _none(path)
 
 
 def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.ndarray) -> list[dict]:
@@ -115,7 +70,6 @@ def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.nd
 
 def cmd_dataset(args) -> int:
     from costgraph.hardware import get_hardware
-    from .serve import output_tokens_of, page_sizes
 
     mode = MODES.get(args.mode)
     if mode is None:
@@ -178,10 +132,7 @@ def write_out(rec: dict, path: str) -> None:
 
 
 def write_plot(rec: dict, path: str) -> None:
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = rec["pages"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -192,18 +143,12 @@ def write_plot(rec: dict, path: str) -> None:
     b.set_xlabel("image tokens")
     b.set_ylabel(f"batch-1 seconds on {rec['hardware']}")
     fig.suptitle(f"{len(rows)} pages, {rec['mode']}, engine {rec['engine']['engine']}")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.rsplit(".", 1)[-1] if "." in path else "png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def add_parser(sub) -> None:
-    from .serve import _serve_inputs
-
     q = sub.add_parser("dataset", help="per-page layout, tokens, FLOPs and time of a dataset, and its totals")
-    _serve_inputs(q)
+    page_input_args(q)
     q.add_argument("--hardware", default="a100-40gb", help="a preset (default: a100-40gb)")
     q.add_argument("--out", metavar="FILE.csv|FILE.json", help="every page's row (written whole or not at all)")
     q.add_argument("--plot", metavar="FILE.png", help="image tokens and batch-1 time per page")

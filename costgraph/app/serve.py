@@ -15,42 +15,13 @@ import sys
 import numpy as np
 
 from costgraph.hardware import GPU_DEFAULT
-from costgraph.io import write_atomic
 from costgraph.render import table
 from costgraph.graphs.deepseek_ocr import serving as SV
-from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS, MODES
-from .text import UserError, parse_size
+from costgraph.graphs.deepseek_ocr.config import MODES
+from .page_inputs import output_tokens_of, page_input_args, page_sizes, pyplot, save_figure
+from .text import UserError
 
 DEFAULT_PAGES = 400
-
-
-def output_tokens_of(text: str, n: int, seed: int = 0) -> np.ndarray:
-    """`N` -> n copies; `A:B` -> n draws uniform in A..B (seeded)."""
-    try:
-        if ":" in text:
-            a, b = (int(x) for x in text.split(":"))
-            if not 1 <= a <= b:
-                raise ValueError
-            return np.random.default_rng(seed).integers(a, b + 1, n)
-        v = int(text)
-        if v < 1:
-            raise ValueError
-        return np.full(n, v)
-    except ValueError:
-        raise UserError(f"--output-tokens must be N or A:B with 1 <= A <= B, got {text!r}") from None
-
-
-def page_sizes(args) -> tuple[list[tuple[int, int]], list[str]]:
-    """(sizes, names) from --size, --folder or --csv."""
-    from . import dataset
-    if args.folder:
-        recs = dataset.folder_sizes(args.folder, progress=not args.json)
-        return [(r["width"], r["height"]) for r in recs], [r["file"] for r in recs]
-    if args.csv:
-        recs = dataset.csv_sizes(args.csv)
-        return [(r["width"], r["height"]) for r in recs], [r["file"] for r in recs]
-    sizes = [parse_size(s) for s in args.size.split(",")]
-    return sizes, [f"{w}x{h}" for w, h in sizes]
 
 
 def pages_of(args, mode, eng) -> list[SV.Page]:
@@ -131,10 +102,7 @@ def lines(rec: dict, pages) -> list[str]:
 
 
 def write_plot(timeline: dict, rec: dict, path: str) -> None:
-    import io
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = np.asarray(timeline["time"])
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -145,11 +113,7 @@ def write_plot(timeline: dict, rec: dict, path: str) -> None:
     ax2.plot(t, timeline["running"], color="tab:orange", label="running sequences")
     ax2.set_ylabel("running sequences")
     ax.set_title(f"{rec['engine']['engine']} on {rec['hardware']}: {rec['pages']} pages ({rec['mode']})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.rsplit(".", 1)[-1] if "." in path else "png")
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def cmd_calibrate(args) -> int:
@@ -180,21 +144,9 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _serve_inputs(q, sizes_default=None) -> None:
-    g = q.add_mutually_exclusive_group(required=sizes_default is None)
-    g.add_argument("--size", default=sizes_default, metavar="WxH[,WxH...]", help="page sizes (cycled)")
-    g.add_argument("--folder", metavar="DIR", help="every page image in a folder")
-    g.add_argument("--csv", metavar="FILE", help="a CSV of page sizes: width,height[,output_tokens]")
-    q.add_argument("--mode", default="gundam", help="a mode (default: gundam)")
-    q.add_argument("--engine", default="vllm", choices=list(SV.ENGINES), help="hf or vllm (default: vllm)")
-    q.add_argument("--output-tokens", default="1000", help="N, or A:B uniform (default: 1000)")
-    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
-    q.add_argument("--json", action="store_true", help="JSON on stdout")
-
-
 def add_parser(sub) -> None:
     q = sub.add_parser("serve", help="throughput under continuous batching (vLLM) or static batches (HF)")
-    _serve_inputs(q)
+    page_input_args(q)
     q.add_argument("--hardware", default="a100-40gb", help="a preset (default: a100-40gb)")
     q.add_argument("--pages", type=int, default=DEFAULT_PAGES, help=f"pages simulated with --size "
                                                                    f"(default {DEFAULT_PAGES})")

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import sympy as sp
 
 from costgraph import symbols as ES
 from costgraph import timemodel as TM
@@ -44,9 +43,8 @@ from costgraph.ops import nbytes, prod, Spec
 from costgraph.simulate import Limits, Request, StepTimes, simulate
 from . import assembly
 from . import symbols as S
-from .config import LM, MAX_POSITIONS, MODES, Mode
-from .decoder import (Variants, decoder_graph, expected_experts_hit, experts_hit_bound, kv_cache_bytes_per_token,
-                      prompt_length)
+from .config import LM, MAX_POSITIONS, Mode
+from .decoder import Variants, decoder_graph, expected_experts_hit, experts_hit_bound, kv_cache_bytes_per_token
 from .layout import Layout, layout_for, tokens_for
 
 
