@@ -94,6 +94,10 @@ def lines(rec: dict, pages) -> list[str]:
             ["peak KV cache GiB", f"{rec['peak_kv_bytes'] / 2**30:,.2f}"], ["preemptions", str(rec["preemptions"])],
             ["steps (prefill / decode)", f"{rec['steps']['prefill']:,} / {rec['steps']['decode']:,}"]]
     out += table(rows, ["predicted", "value"]).splitlines()
+    f = rec["decode_step_formulas"]
+    out += ["", f"one decode step of B sequences at context C ({rec['engine']['engine']}, closed form; weights once, "
+                f"a KV cache each):", f"  flops = {f['flops']}", f"  bytes_read = {f['bytes_read']}",
+            f"  bytes_written = {f['bytes_written']}"]
     c = rec["compared_with_paper"]
     out += ["", f"paper: {SV.PAPER['pages_per_day']:,} pages/day, ~{SV.PAPER['output_tokens_per_second']:,} tokens/s "
                 f"({SV.PAPER['source']}); predicted/claimed: {c['pages_per_day_ratio']:.2f} (pages/day), "

@@ -112,6 +112,22 @@ def batched_graph(crop_mode: bool, engine_name: str, batch=ES.batch) -> CostGrap
     return _vllm(g) if e.paged else g
 
 
+@lru_cache(maxsize=None)
+def decode_step_formula(mode: Mode, engine_name: str, metric: str, dtype: str = "bf16"):
+    """One decode step of B sequences at context C (each sequence's attended length), in closed form:
+    symbolic in B and C (`costgraph.symbols.batch`, `context`); decode costs depend on the page only
+    through its context. The weights' share is the term without B (the routed experts' part grows
+    with B as 1 - (58/64)^B); every term in B is per sequence (its KV cache, its tokens)."""
+    import sympy as sp
+    from .decoder import prompt_length
+
+    g = batched_graph(mode.crop_mode, engine_name)
+    e = sp.Add(*[g.cost(n)[metric] for n in g.nodes("decoder.decode")])
+    e = e.subs(ES.decode_step, ES.context - prompt_length(mode.crop_mode))
+    e = e.subs({**assembly.mode_values(mode), **assembly.dtype_values(dtype)})
+    return sp.collect(sp.expand(e), ES.batch)
+
+
 def vision_batch(mode: Mode, layouts: list[Layout], metric: str = "flops", dtype: str = "bf16") -> int:
     """A batch of pages through the vision encoders: both engines encode image by image (the global
     view, then the page's crop batch), so the batch costs the sum of its pages' `vision` totals."""
@@ -301,6 +317,8 @@ def serve(mode: Mode, pages: list[Page], eng: Engine, hw, cfg: ServeConfig = Ser
                            f"decode_step_batch_{n_typ}_at_prompt": float(dec[n_typ - 1][0]),
                            "decode_step_batch_1_at_prompt": float(dec[0][0])}
     out["decode_experts_hit"] = decode_experts(n_typ)
+    out["decode_step_formulas"] = {m: str(decode_step_formula(mode, eng.name, m, dtype))
+                                   for m in ("flops", "bytes_read", "bytes_written")}
     out["limits"] = {"max_num_seqs": cfg.max_num_seqs, "batch_that_fits": max_seqs, "max_num_batched_tokens": budget,
                      "max_model_len": cfg.max_model_len, "block_size": block,
                      "arrival": f"{cfg.rate} pages/s" if cfg.rate else "all at once"}
