@@ -214,6 +214,9 @@ def test_serve_json(cli):
     assert rec["engine"]["engine"] == "vllm" and rec["engine"]["max_num"] == 6 and rec["pages"] == 60
     assert rec["pages_per_day"] == pytest.approx(86400 * rec["pages_per_second"])
     assert rec["output_tokens_per_second"] == pytest.approx(200 * rec["pages_per_second"])
+    tl = rec["timeline"]
+    assert len(tl["time"]) == len(tl["kv_bytes"]) == len(tl["running"]) > 10 and max(tl["running"]) <= 60
+    assert "batch" in rec["decode_step_formulas"]["bytes_read"]
 
 
 def test_serve_text_names_engine_and_paper(cli):

@@ -22,6 +22,7 @@ from .page_inputs import output_tokens_of, page_input_args, page_sizes, pyplot, 
 from .text import UserError
 
 DEFAULT_PAGES = 400
+TIMELINE_POINTS = 200   # steps of the memory timeline kept in the JSON
 
 
 def pages_of(args, mode, eng) -> list[SV.Page]:
@@ -52,6 +53,8 @@ def cmd_serve(args) -> int:
            "compared_with_paper": compare_with_paper(out)}
     if args.plot:
         write_plot(timeline, rec, args.plot)
+    every = max(1, len(timeline["time"]) // TIMELINE_POINTS)   # the memory timeline, every n-th step
+    rec["timeline"] = {k: v[::every] for k, v in timeline.items()}
     if args.json:
         print(json.dumps(rec, indent=1, default=str))
         return 0
