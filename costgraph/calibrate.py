@@ -4,12 +4,13 @@ Per storage dtype (fp32: the vision reference's; bf16: the language model's):
 - peaks as `costgraph.hardware.calibrate` measures them (best of several samples): a 2048^3 matmul,
   fp32 elementwise in cache, a DRAM copy;
 - efficiencies, each the median over shapes the model runs of the best achieved rate over timed
-  calls, divided by its peak: large GEMMs (prompt x hidden x MLP widths, a vision batch's tokens x 768 x 2304), attention
-  products (heads x 1000 x 128 bmm), skinny GEMMs (1 and 6 rows against the LM's weights: bytes/s,
-  the weight stream), elementwise ops and copies on activation-sized tensors (a few MB: what a
-  prefill's activations are; they live in L2/L3 here) and on 64 MiB (past the caches: the DRAM figures
-  used for larger ops, `cache_bytes` read from sysfs), and the
-  overhead per kernel of a forward (16 tiny residual blocks through nn.Module: no work, only dispatch).
+  calls, divided by its peak: large GEMMs (prompt x hidden x MLP widths, a vision batch's tokens x
+  768 x 2304), attention products (heads x 1000 x 128 bmm), skinny GEMMs (1 row against the LM's
+  weights, 128 MiB of distinct weights per sample so that they stream from DRAM: bytes/s, the weight
+  stream), elementwise ops and copies on activation-sized tensors (a few MB, what a prefill's
+  activations are: they live in L2/L3 here) and on 64 MiB (past the caches: the DRAM figures used for
+  larger ops; `cache_bytes` read from sysfs), and the overhead per kernel of a forward (16 tiny
+  residual blocks through nn.Module: no work, only dispatch).
 The result is written as JSON (`--out`; default `~/.cache/costgraph/cpu.json`), and the preset `cpu`
 reads it (else the bundled one, `costgraph/presets/cpu.json`, with the date and load it was measured at).
 """
@@ -32,6 +33,7 @@ ATTENTION_SHAPES = ((10, 903, 128, 903), (12, 196, 64, 196), (16, 101, 64, 101))
 SKINNY_SHAPES = ((1, 1280, 6848), (1, 1280, 1792), (1, 1280, 1280), (1, 896, 1280), (1, 1280, 129280 // 4))
 ACTIVATION_ELEMENTS = 903 * 1280   # one page-sized prompt's hidden states
 DRAM_ELEMENTS = 1 << 24            # 32-64 MiB: past the caches
+STREAM_BYTES = 128 << 20           # weights a skinny-GEMM sample streams through
 
 
 def cache_bytes() -> int:
@@ -103,9 +105,12 @@ def measure(dtype: str) -> tuple[Hardware, Efficiency, dict]:
         detail["attention"] = att
         stream = []
         for m, k, n in SKINNY_SHAPES:
-            a, w = torch.randn(m, k, dtype=td), torch.randn(n, k, dtype=td)
-            s = _best_seconds(lambda: torch.nn.functional.linear(a, w))
-            stream.append((m * k + k * n + m * n) * size / s / hw.bandwidth)
+            # distinct weights past the caches, as a decode step streams its layers' weights from DRAM
+            # (one weight called again and again would be read from the cache)
+            copies = -(-STREAM_BYTES // (k * n * size))
+            a, ws = torch.randn(m, k, dtype=td), [torch.randn(n, k, dtype=td) for _ in range(copies)]
+            s = _best_seconds(lambda: [torch.nn.functional.linear(a, w) for w in ws], max_calls=20)
+            stream.append(copies * (m * k + k * n + m * n) * size / s / hw.bandwidth)
         detail["stream"] = stream
         x, y = torch.randn(ACTIVATION_ELEMENTS, dtype=td), torch.randn(ACTIVATION_ELEMENTS, dtype=td)
         s = _best_seconds(lambda: torch.add(x, y))
