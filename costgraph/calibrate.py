@@ -88,6 +88,11 @@ def measure(dtype: str) -> tuple[Hardware, Efficiency, dict]:
 
     td = torch_dtype(dtype)
     hw = calibrate_peaks(dtype)
+    # the elementwise rate again, as the best of many calls over a longer time: one unlucky
+    # measurement of it (a shared machine) would make every elementwise op look slow
+    small = torch.ones(2 ** 17 * torch.get_num_threads())
+    s = _best_seconds(lambda: small.mul_(1.0), min_time=0.5, max_calls=5000)
+    hw = replace(hw, vector_flops=max(hw.vector_flops, small.numel() / s))
     size = td.itemsize if hasattr(td, "itemsize") else torch.tensor([], dtype=td).element_size()
     detail: dict[str, list] = {}
     with torch.no_grad():

@@ -37,7 +37,7 @@ from costgraph.graphs.deepseek_ocr.layout import layout_for_grid, tokens_for
 VISION_CASES = (("tiny", (1, 1)), ("base", (1, 1)), ("gundam", (2, 1)), ("gundam", (2, 3)))
 # (mode, grid, text tokens): prompts of 84, 284, 913 and 1,813 tokens
 LM_CASES = (("tiny", (1, 1), 10), ("base", (1, 1), 10), ("gundam", (2, 3), 10), ("gundam", (2, 3), 910))
-DECODE_STEPS = 5
+DECODE_STEPS = 8
 
 
 def predicted(mode, scope: str, dtype: str, values: dict, hw, steps=None) -> dict:
