@@ -6,12 +6,44 @@ throughput that elementwise work runs on; `bandwidth` is the memory bandwidth in
 """
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .dtypes import torch_dtype as _torch_dtype
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Achieved fractions of a preset's peaks, per op class, and the per-kernel overhead."""
+    gemm: float          # large GEMM (and convolution): fraction of tensor_flops
+    attention: float     # attention products: fraction of tensor_flops
+    vector: float        # elementwise arithmetic: fraction of vector_flops
+    stream: float        # matmul operand traffic (a skinny GEMM's weight stream): fraction of bandwidth
+    elementwise: float   # elementwise ops' traffic: fraction of bandwidth
+    copy: float          # copies, casts, gathers: fraction of bandwidth
+    launch: float        # seconds per kernel launch / dispatch (eager)
+    skinny: float = 32.0  # FLOP/byte below which a matmul is skinny (GEMV-like)
+    source: str = ""
+    # a CPU's caches: an op whose traffic exceeds `cache_bytes` runs at the DRAM fractions (0: one regime)
+    cache_bytes: float = 0.0
+    elementwise_dram: float | None = None
+    copy_dram: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Documented defaults for GPUs (not measurements): cuBLAS bf16 GEMMs of transformer sizes reach about
+# 70 % of the dense tensor peak; flash-attention 2 about 50 % (A100 forward, head dim 128); memory-bound
+# kernels about 80 % of the datasheet bandwidth (GEMV weight streaming, elementwise), copies 85 %;
+# PyTorch eager about 8 us of host dispatch + launch per kernel (hidden when the GPU is busier than that,
+# which max() per node does not see: an eager decode step is launch-bound).
+GPU_DEFAULT = Efficiency(gemm=0.7, attention=0.5, vector=0.6, stream=0.8, elementwise=0.8, copy=0.85,
+                         launch=8e-6, source="documented defaults for GPUs (rules of thumb, not measured)")
+
 
 TERA = 1e12
 GIGA = 1e9
@@ -26,6 +58,7 @@ class Hardware:
     memory: float           # bytes
     source: str = ""
     measurements: tuple = ()  # calibrated presets: the Measurement behind each figure
+    efficiency: Efficiency | None = None  # None: the documented GPU defaults (GPU_DEFAULT)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -41,20 +74,33 @@ PRESETS: dict[str, Hardware] = {h.name: h for h in (
     Hardware("l4", 121 * TERA, 30.3 * TERA, 300 * GIGA, 24 * 2**30, "NVIDIA L4 datasheet"),
     Hardware("rtx-4090", 165.2 * TERA, 82.6 * TERA, 1008 * GIGA, 24 * 2**30,
              "NVIDIA Ada whitepaper (GeForce RTX 4090, FP16/BF16 tensor with FP32 accumulate)"),
+    # Serving GPUs (dense peaks; tensor = FP16/BF16 with FP32 accumulate where the vendor lists both).
+    Hardware("t4", 65 * TERA, 8.1 * TERA, 320 * GIGA, 16 * 2**30,
+             "NVIDIA T4 datasheet (FP16 tensor: Turing has no bf16, a bf16 model runs in fp16 there)"),
+    Hardware("a10", 125 * TERA, 31.2 * TERA, 600 * GIGA, 24 * 2**30, "NVIDIA A10 datasheet (BF16 tensor, dense)"),
+    Hardware("l40s", 362.05 * TERA, 91.6 * TERA, 864 * GIGA, 48 * 2**30, "NVIDIA L40S datasheet (BF16 tensor, dense)"),
+    Hardware("rtx-3090", 71 * TERA, 35.6 * TERA, 936.2 * GIGA, 24 * 2**30,
+             "NVIDIA Ampere GA102 whitepaper (GeForce RTX 3090, FP16/BF16 tensor with FP32 accumulate)"),
+    Hardware("rtx-5090", 209.5 * TERA, 104.8 * TERA, 1792 * GIGA, 32 * 2**30,
+             "NVIDIA Blackwell whitepaper (GeForce RTX 5090, FP16/BF16 tensor with FP32 accumulate, dense)"),
+    Hardware("h20", 148 * TERA, 44 * TERA, 4000 * GIGA, 96 * 2**30, "NVIDIA H20 datasheet (BF16 tensor, dense)"),
 )}
 
 
 def names() -> list[str]:
-    return [*PRESETS, THIS_MACHINE]
+    return [*PRESETS, CPU, THIS_MACHINE]
 
 
 THIS_MACHINE = "this-machine"
+CPU = "cpu"   # this CPU as `costgraph calibrate` last measured it (costgraph.calibrate)
 
 
 def get_hardware(name: str, dtype: str = "bf16") -> Hardware:
     """A preset by name; `this-machine` calibrates now, its matmul figure measured in `dtype`."""
     if name == THIS_MACHINE:
         return calibrate(dtype=dtype)
+    if name == CPU:
+        return load_cpu(dtype)
     try:
         return PRESETS[name]
     except KeyError:
@@ -127,3 +173,31 @@ def calibrate(dtype: str = "bf16", samples: int = 7, matmul_n: int = 2048, copy_
     return Hardware(THIS_MACHINE, mm.best, vec.best, bw.best, float(memory),
                     f"calibrated on this machine ({threads} threads, best of {samples} samples; "
                     f"median beside it): {dtype} matmul, fp32 elementwise in cache, DRAM copy", ms)
+
+
+# ---- the calibrated cpu preset (`costgraph calibrate` writes it: costgraph.calibrate) ----------------
+
+BUNDLED = Path(__file__).with_name("presets") / "cpu.json"
+
+
+def user_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "costgraph" / "cpu.json"
+
+
+def load_cpu(dtype: str = "bf16", path: Path | None = None) -> Hardware:
+    """The `cpu` preset for `dtype`: `path`, else the user's calibration, else the bundled one."""
+    for p in ([path] if path else [user_path(), BUNDLED]):
+        if p is not None and p.exists():
+            data = json.loads(p.read_text())
+            break
+    else:
+        raise ValueError(f"no cpu preset: run `costgraph calibrate` (looked in {user_path()} and {BUNDLED})")
+    if dtype not in data["presets"]:
+        raise ValueError(f"the cpu preset has no {dtype} calibration (has {', '.join(data['presets'])})")
+    rec = data["presets"][dtype]
+    h = dict(rec["hardware"])
+    ms = tuple(Measurement(**m) for m in h.pop("measurements", ()))
+    eff_fields = {f.name for f in fields(Efficiency)}
+    eff = Efficiency(**{k: v for k, v in rec["efficiency"].items() if k in eff_fields})
+    h["source"] += f"; measured {data['measured']}, load average {data['load_average'][0]}"
+    return Hardware(**h, measurements=ms, efficiency=eff)

@@ -485,18 +485,19 @@ def position_ids(*, tokens):
 
 
 @register("causal_mask")
-def causal_mask(pos, *, keys, out_itemsize=S.dtype_bytes):
-    """transformers' eager mask: batch and head aranges (1 each), q and kv aranges plus offsets,
-    `kv <= q` (bool, T x K), then `where(mask, 0, min)` into the model dtype."""
-    t, k, b = sp.sympify(pos[-1]), sp.sympify(keys), out_itemsize
+def causal_mask(pos, *, keys, out_itemsize=S.dtype_bytes, batch=1):
+    """transformers' eager mask: batch and head aranges (B and 1), q and kv aranges plus offsets,
+    `kv <= q` (bool, T x K), then `where(mask, 0, min)` into the model dtype, one (T x K) per
+    sequence of a batch of B (the bool mask is broadcast over them: read once)."""
+    t, k, b, n = sp.sympify(pos[-1]), sp.sympify(keys), out_itemsize, sp.sympify(batch)
     pairs = t * k
-    cost = (_cost(written=2 * INT64)                                                  # two arange(1)
+    cost = (_cost(written=INT64 * (n + 1))                                            # arange(B), arange(1)
             + _cost(ew=ew("add", t), read=INT64 * t, written=2 * INT64 * t)          # arange(T) + offset
             + _cost(ew=ew("add", k), read=INT64 * k, written=2 * INT64 * k)          # arange(K) + offset
             + _cost(ew=ew("le", pairs), read=INT64 * (t + k), written=BOOL * pairs)
             + _cost(written=2 * b)                                                    # zeros(()), min scalar
-            + _cost(ew=ew("where", pairs), read=BOOL * pairs + 2 * b, written=b * pairs, out=b * pairs))
-    return (1, 1, t, k), cost
+            + _cost(ew=ew("where", n * pairs), read=BOOL * pairs + 2 * b, written=b * n * pairs, out=b * n * pairs))
+    return (n, 1, t, k), cost
 
 
 @register("rope_tables")
@@ -558,13 +559,18 @@ def cache_update(past, new):
 
 
 @register("attention_scores")
-def attention_scores(q, k, *, causal):
-    """q k^T per head (a bmm): the score half of `ops.sdpa` (same causal rule)."""
+def attention_scores(q, k, *, causal, q_copy=0):
+    """q k^T per head (a bmm): the score half of `ops.sdpa` (same causal rule).
+
+    `q_copy` (0/1, or an indicator): q is materialised before the bmm, as when several sequences'
+    (batch, heads) dims cannot fold into one bmm batch dim as a view (q laid out tokens-major)."""
     *batch, lq, _ = q
     _, cost = sdpa(q, k, (*k[:-1], 0), causal=causal)
     out = (*batch, lq, k[-2])
     b = itemsize(q)
-    return out, _cost(flops=cost.flops, read=nbytes(q) + nbytes(k), written=numel(out) * b, out=numel(out) * b)
+    copy = nbytes(q) * sp.sympify(q_copy)
+    return out, _cost(flops=cost.flops, read=nbytes(q) + nbytes(k) + copy, written=numel(out) * b + copy,
+                      out=numel(out) * b)
 
 
 @register("attention_values")
@@ -701,9 +707,10 @@ def zeros_init(x):
 
 @register("argmax_last")
 def argmax_last(logits):
-    """logits[:, -1].argmax(-1): greedy choice of the next token from the last position's row."""
-    row = logits[-1]
-    return (1, 1), _cost(ew=ew("argmax", row), read=row * itemsize(logits), written=INT64, out=INT64)
+    """logits[:, -1].argmax(-1): greedy choice of the next token from each sequence's last position's row."""
+    seqs, row = prod(logits[:-2]), logits[-1]
+    return (seqs, 1), _cost(ew=ew("argmax", seqs * row), read=seqs * row * itemsize(logits), written=seqs * INT64,
+                            out=seqs * INT64)
 
 
 @register("routed_gather")

@@ -32,7 +32,7 @@ from .ops import prod
 
 ZERO = sp.Integer(0)
 # Node attrs that are node data for this module, not arguments of the cost formulas.
-NODE_ATTRS = ("param", "experts", "active_experts", "weight_itemsize")
+NODE_ATTRS = ("param", "experts", "active_experts", "weight_itemsize", "launches")  # launches: costgraph.timemodel
 
 
 @dataclass(frozen=True)

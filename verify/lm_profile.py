@@ -224,13 +224,14 @@ def _cache_bytes(cache) -> int:
 
 def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, decode_steps: int,
                   lm_head: str = "all", image_features: torch.Tensor | None = None, seed: int = 0,
-                  progress: bool = False, metrics: bool = False) -> LMRun:
+                  progress: bool = False, metrics: bool = False, batch: int = 1) -> LMRun:
     """Greedy generation of decode_steps + 1 tokens: the prefill, then decode_steps forwards of one token.
 
     The prompt is [BOS] + image slots + text (random ids); the image slots' embeddings are
     replaced by `image_features` (the vision output, or random: FLOPs do not depend on it), cast
     to the model dtype beforehand (the vendor's vision tower runs in it). `metrics`: also record
     every aten op with elementwise FLOPs and bytes (`costgraph.verify.dispatch.MetricRecorder`).
+    `batch`: B prompts of that length run together (a batch of pages: B x image_slots features).
     """
     from transformers import DynamicCache
     from tqdm import tqdm
@@ -238,13 +239,13 @@ def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, de
     cfg = model.cfg
     dtype = model.lm_head.weight.dtype
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, cfg.vocab, (1, prompt_tokens), generator=gen)
-    ids[0, 0] = 0
-    slots = torch.zeros(1, prompt_tokens, dtype=torch.bool)
-    slots[0, 1:1 + image_slots] = True
+    ids = torch.randint(1, cfg.vocab, (batch, prompt_tokens), generator=gen)
+    ids[:, 0] = 0
+    slots = torch.zeros(batch, prompt_tokens, dtype=torch.bool)
+    slots[:, 1:1 + image_slots] = True
     if image_features is None:
-        image_features = torch.randn(image_slots, cfg.hidden, generator=gen)
-    if tuple(image_features.shape) != (image_slots, cfg.hidden):
+        image_features = torch.randn(batch * image_slots, cfg.hidden, generator=gen)
+    if tuple(image_features.shape) != (batch * image_slots, cfg.hidden):
         raise ValueError(f"image features {tuple(image_features.shape)} do not fill {image_slots} slots")
     image_features = image_features.to(dtype)
     run = LMRun(prompt_tokens, decode_steps)
@@ -263,7 +264,7 @@ def run_reference(model: LanguageModel, prompt_tokens: int, image_slots: int, de
                     logits = model(nxt, cache)
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
             run.seconds[section(step)] = round(time.perf_counter() - t, 3)
-            run.tokens.append(int(nxt))
+            run.tokens.append(int(nxt) if batch == 1 else nxt.flatten().tolist())
             run.kv_cache_bytes[step] = _cache_bytes(cache)
     run.calls = list(log.calls)
     run.ops = list(rec.calls) if rec is not None else []
@@ -288,10 +289,10 @@ def _pick(calls: list[Call], which) -> list[int]:
 # ---- predicting and comparing ---------------------------------------------------------------------
 
 @lru_cache(maxsize=None)
-def lm_graph(cfg: LMConfig, variants: Variants, crop_mode: bool) -> CostGraph:
+def lm_graph(cfg: LMConfig, variants: Variants, crop_mode: bool, batch: int = 1) -> CostGraph:
     """The graph checked: the decoder builder of the command line's graph, with `experts_hit` kept
     a symbol (the command line predicts it by `experts_hit_bound`)."""
-    return decoder_graph(cfg, variants, crop_mode, experts_hit=S.experts_hit)
+    return decoder_graph(cfg, variants, crop_mode, experts_hit=S.experts_hit, batch=batch)
 
 
 _TOTALS: dict[int, dict] = {}
@@ -361,7 +362,7 @@ def _mean_hits(run: LMRun, step: int) -> dict:
 
 
 def compare_lm(graph: CostGraph, values: dict, run: LMRun, scopes: tuple[str, ...] = (PREFILL, DECODE),
-               metrics: tuple[str, ...] = (FLOPS,), cfg: LMConfig = LM
+               metrics: tuple[str, ...] = (FLOPS,), cfg: LMConfig = LM, batch: int = 1
                ) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
     """Rows per node group and forward, subtotals (the decoder totals first), and the measured
     calls no node claims. The prefill is evaluated at the router's experts_hit counts."""
@@ -385,26 +386,32 @@ def compare_lm(graph: CostGraph, values: dict, run: LMRun, scopes: tuple[str, ..
     scope_total = _scope_totals(graph)
     totals, parts = [], []
     for m in (m for m in metrics if m != KV_CACHE):
-        if PREFILL in scopes and DECODE in scopes:
+        if PREFILL in scopes and DECODE in scopes and not scope_total[DECODE][m].has(S.experts_hit):
             totals.append(Row("decoder", m, substitute(scope_total["decoder"][m], at),
                               sum(measured[(s, m)] for s in forwards), "prefill + decode"))
         if PREFILL in scopes:
             parts.append(Row(PREFILL, m, substitute(scope_total[PREFILL][m], at), measured[(0, m)],
                              "all recorded ops of the prefill forward"))
         if DECODE in scopes and run.steps:
-            parts.append(Row(DECODE, m, substitute(scope_total[DECODE][m], at),
-                             sum(measured[(t, m)] for t in range(1, run.steps + 1)),
-                             f"closed-form sum over t = 1..{run.steps} (output_tokens = {run.steps + 1})"))
             per_step = sp.Add(*[graph.cost(n)[m] for n in graph.nodes(DECODE)])
+            steps = [_value(per_step, {**values, S.decode_step: t, **_mean_hits(run, t)})
+                     for t in range(1, run.steps + 1)]
+            if scope_total[DECODE][m].has(S.experts_hit):   # a batch's decode steps meet a varying number of experts
+                total, how = sum(steps), f"sum over t = 1..{run.steps} at each step's experts_hit"
+            else:
+                total = substitute(scope_total[DECODE][m], at)
+                how = f"closed-form sum over t = 1..{run.steps} (output_tokens = {run.steps + 1})"
+            parts.append(Row(DECODE, m, total, sum(measured[(t, m)] for t in range(1, run.steps + 1)), how))
             for t in range(1, run.steps + 1):
-                parts.append(Row(f"{DECODE}[t={t}]", m, _value(per_step, {**values, S.decode_step: t}),
-                                 measured[(t, m)], f"context {run.prompt_tokens + t}"))
+                parts.append(Row(f"{DECODE}[t={t}]", m, steps[t - 1], measured[(t, m)],
+                                 f"context {run.prompt_tokens + t}"))
     if KV_CACHE in metrics:
         per_token = kv_cache_bytes_per_token(cfg)
         for step in forwards:
             context = run.prompt_tokens + step
-            parts.append(Row(f"{section(step)}.kv_cache", KV_CACHE, substitute(per_token * context, values),
-                             run.kv_cache_bytes[step], f"DynamicCache tensors after the forward: {context} tokens"))
+            parts.append(Row(f"{section(step)}.kv_cache", KV_CACHE, substitute(batch * per_token * context, values),
+                             run.kv_cache_bytes[step], f"DynamicCache tensors after the forward: {context} tokens"
+                             + (f" x {batch} sequences" if batch != 1 else "")))
     return rows, totals + parts, unclaimed
 
 
@@ -476,6 +483,7 @@ class LMRequest:
     seed: int = 0
     progress: bool = False
     metrics: tuple[str, ...] = (FLOPS,)
+    batch: int = 1      # sequences of this page run together
 
 
 def check_request(req: LMRequest) -> None:
@@ -497,19 +505,19 @@ def verify_lm(req: LMRequest, scopes: tuple[str, ...] = (PREFILL, DECODE), image
         raise ValueError(f"unsupported reference dtype {req.dtype} (bfloat16 or float32)")
     metrics = checked_metrics(req.metrics)
     t0 = time.perf_counter()
-    graph = lm_graph(req.cfg, req.variants, req.mode.crop_mode)
+    graph = lm_graph(req.cfg, req.variants, req.mode.crop_mode, req.batch)
     slots = tokens_for(req.layout, req.mode)["total"]
     prompt = 1 + req.text_tokens + slots
     if model is None:
         model = build_language_model(req.cfg, req.dtype, attention="eager", rope=req.variants.rope, seed=req.seed)
     built = time.perf_counter() - t0
     run = run_reference(model, prompt, slots, req.decode_steps, req.variants.lm_head, image_features, req.seed,
-                        req.progress, metrics=any(m != FLOPS for m in metrics))
+                        req.progress, metrics=any(m != FLOPS for m in metrics), batch=req.batch)
     values = {**model_graph.mode_values(req.mode), **model_graph.layout_values(req.layout),
               S.text_tokens: req.text_tokens, S.dtype_bytes: _DTYPE_BYTES[req.dtype]}
-    rows, subtotals, unclaimed = compare_lm(graph, values, run, scopes, metrics, req.cfg)
+    rows, subtotals, unclaimed = compare_lm(graph, values, run, scopes, metrics, req.cfg, req.batch)
     grid = f"{req.layout.w_crop}x{req.layout.h_crop}" if req.layout.tiled else "no crops"
-    bound = int(experts_hit_bound(req.cfg, prompt))
+    bound = int(experts_hit_bound(req.cfg, req.batch * prompt))
     prefill_hits = run.experts_hit.get(0, {})
     info = {"mode": req.mode.name, "layout": req.layout.as_dict(), "grid": grid, "device": "cpu",
             "prompt_tokens": prompt, "image_tokens": slots, "text_tokens": req.text_tokens,

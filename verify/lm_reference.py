@@ -125,7 +125,10 @@ class LanguageModel(nn.Module):
         if image_features is not None:
             if image_features.dtype != x.dtype:
                 raise ValueError(f"image features are {image_features.dtype}, the model runs {x.dtype}")
-            x[0].masked_scatter_(image_mask[0, :, None], image_features)
+            if x.shape[0] == 1:
+                x[0].masked_scatter_(image_mask[0, :, None], image_features)
+            else:   # a batch of pages: each sequence's slots in order, features stacked page after page
+                x.masked_scatter_(image_mask[..., None], image_features)
         h = self.model(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state
         return self.lm_head(h if lm_head == "all" else h[:, -1:])
 

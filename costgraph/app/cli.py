@@ -18,7 +18,7 @@ from costgraph.dtypes import DEFAULT_STORAGE, STORAGE
 from costgraph.io import write_atomic
 from costgraph.render import human, table
 from costgraph.graphs.pages import PageWarning
-from . import bench, compare, recipes, sweep, tables, verify_cmd
+from . import bench, compare, dataset, recipes, serve, sweep, tables, verify_cmd
 from .args import (Parser, dtype_arg, hardware_arg, input_options, max_num_arg, max_num_option, mode_arg, mode_of, model_arg,
                    model_of, output_text_tokens_arg, page_args, point_of, scopes_of, variant_args, variants_of)
 from .text import (DEFAULT_GROUPS, EXIT_BAD_INPUT, FORMULA_METRICS, METRIC_GROUPS, UserError, parse_hardware,
@@ -314,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     verify_cmd.add_parser(sub)
     compare.add_parser(sub)
+    serve.add_parser(sub)
+    dataset.add_parser(sub)
     return p
 
 

@@ -42,6 +42,10 @@ def add_parser(sub) -> None:
                    help="every crop grid the layout can produce plus no crops, and every native mode")
     g.add_argument("--symbolic", action="store_true",
                    help="torch's own sympy FLOPs (FakeTensorMode + ShapeEnv) against the graph's expressions")
+    g.add_argument("--timing", action="store_true",
+                   help="measured time on this CPU against the time model, per stage (costgraph.verify.timing; "
+                        "--skip-lm: vision only; the LM needs ~6 GB: run under flock /work/heavy.lock)")
+    q.add_argument("--skip-lm", action="store_true", help="--timing: vision only")
     q.add_argument("--device", default="meta", choices=["meta", "cpu"],
                    help="meta: counts only (fast); cpu: a real forward with random weights")
     q.add_argument("--scope", default="vision", help="what to verify: vision, decoder.prefill, decoder.decode, "
@@ -155,6 +159,10 @@ def cmd_verify(args) -> int:
     verify_train_cmd.refuse_settings(args)
     if getattr(args, "model", "deepseek-ocr") == "vit":
         return _verify_vit(args)
+    if args.timing:
+        from costgraph.verify import timing
+        timing.main((["--skip-lm"] if args.skip_lm else []) + (["--json"] if args.json else []))
+        return 0
     if getattr(args, "model", "deepseek-ocr") == "deepseek-ocr-2":
         return _verify_ocr2(args)
 

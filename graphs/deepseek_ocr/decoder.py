@@ -35,6 +35,7 @@ import sympy as sp
 
 from costgraph.dtypes import FLOAT32 as FP32, INT64 as INDEX
 from costgraph.graph import CostGraph, ScopeBuilder, Tensor
+from costgraph.ops import more_than_one
 from . import symbols as S
 from .config import LM, LMConfig, Mode
 from .layout import image_tokens
@@ -156,9 +157,18 @@ def kv_cache_bytes(cfg: LMConfig = LM, context=None) -> sp.Expr:
 
 # ---- the graph -------------------------------------------------------------------------------
 
+def expected_experts_hit(cfg: LMConfig, tokens) -> sp.Expr:
+    """Expected distinct experts one MoE layer runs for `tokens` tokens routed uniformly at random:
+    an expert misses one token's top-k with probability (E - k) / E, so E (1 - ((E - k) / E)^tokens).
+    One token: exactly k. The prediction for a batched decode step (B tokens, one per sequence);
+    `experts_hit_bound` min(E, k B) is its upper bound (reported beside it by `graphs.deepseek_ocr.serving`)."""
+    e, k = cfg.routed_experts, cfg.experts_per_token
+    return e * (1 - sp.Rational(e - k, e) ** sp.sympify(tokens))
+
+
 def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop_mode: bool = True,
           image: Tensor | None = None, experts_hit: sp.Expr | None = None, slots: sp.Expr | None = None,
-          scatter: str = "masked_scatter_") -> None:
+          scatter: str = "masked_scatter_", batch=1) -> None:
     """Add `decoder`, `decoder.prefill` and `decoder.decode` to `g`; `image` is the vision output.
 
     `experts_hit`: distinct experts each MoE layer runs in the prefill; None predicts the bound
@@ -171,41 +181,47 @@ def build(g: CostGraph, cfg: LMConfig = LM, variants: Variants = VENDOR, *, crop
     """
     slots = image_slots(crop_mode) if slots is None else sp.sympify(slots)
     prompt = 1 + S.text_tokens + slots
-    hits = experts_hit_bound(cfg, prompt) if experts_hit is None else sp.sympify(experts_hit)
+    hits = experts_hit_bound(cfg, batch * prompt) if experts_hit is None else sp.sympify(experts_hit)
+    # batch: B sequences of the same prompt run together (weights read once per step, a KV cache
+    # each); a decode step's B tokens meet more experts (expected under uniform routing)
+    dec_hits = sp.Integer(cfg.experts_per_token) if batch == 1 else \
+        (expected_experts_hit(cfg, batch) if experts_hit is None else sp.sympify(experts_hit))
     g.scope("decoder", doc="the language model: prefill + every decode forward")
     pre = g.scope("decoder.prefill", doc="one forward over the L prompt tokens; yields the first output token")
-    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=slots, hits=hits, scatter=scatter)
+    forward(pre, cfg, variants, tokens=prompt, past=0, image=image, slots=slots, hits=hits, scatter=scatter,
+            batch=batch)
     dec = g.scope("decoder.decode", sum_over=(S.decode_step, 1, S.output_tokens - 1),
                   doc="decode forward t (one new token, context L + t), summed over t = 1..output_tokens-1")
-    forward(dec, cfg, variants, tokens=sp.Integer(1), past=decode_context(prompt) - 1,
-            hits=sp.Integer(cfg.experts_per_token))
+    forward(dec, cfg, variants, tokens=sp.Integer(1), past=decode_context(prompt) - 1, hits=dec_hits, batch=batch)
 
 
 def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, past, hits, image: Tensor | None = None,
-            slots=None, scatter: str = "masked_scatter_") -> Tensor:
+            slots=None, scatter: str = "masked_scatter_", batch=1) -> Tensor:
     """One forward of `tokens` new tokens over a KV cache holding `past` earlier ones (0: the prefill)."""
     prefill = sp.sympify(past) == 0
     hid = cfg.hidden
-    ids = b.input("input_ids", (1, tokens), itemsize=INDEX)
+    ids = b.input("input_ids", (batch, tokens), itemsize=INDEX)
     x = b.op("embed_tokens", "embedding", ids, num_embeddings=cfg.vocab, embedding_dim=hid,
              out_itemsize=S.dtype_bytes)
     if prefill:
         # image slots hold placeholder ids; the projector's tokens are written over their embeddings
-        feats = image if image is not None else b.input("image_features", (slots, hid))
+        feats = image if image is not None else b.input("image_features", (batch * slots, hid))
         x = b.op("image_scatter", scatter, x, feats)
     pos = b.op("position_ids", "position_ids", tokens=tokens, out_itemsize=INDEX)
     mask = None
     if v.attention == "eager":
-        mask = b.op("attention_mask", "causal_mask", pos, keys=sp.sympify(past) + tokens, out_itemsize=S.dtype_bytes)
+        mask = b.op("attention_mask", "causal_mask", pos, keys=sp.sympify(past) + tokens, out_itemsize=S.dtype_bytes,
+                    **({"batch": batch} if batch != 1 else {}))
     tables = None
     if v.rope == "once":
         tables = b.op("rotary_emb", "rope_tables", pos, head_dim=cfg.head_dim, matmul=False,
                       out_itemsize=S.dtype_bytes)
     for i, kind in enumerate(cfg.mlp_layer_types):
-        x = layer(b, x, i, kind, cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables, hits=hits)
+        x = layer(b, x, i, kind, cfg, v, tokens=tokens, past=past, pos=pos, mask=mask, tables=tables, hits=hits,
+                  batch=batch)
     x = b.op("norm", "rms_norm", x, eps=cfg.rms_norm_eps)
     if prefill and v.lm_head == "last":
-        x = b.op("lm_head.last_position", "slice", x, shape=(1, 1, hid))
+        x = b.op("lm_head.last_position", "slice", x, shape=(batch, 1, hid))
     logits = b.op("lm_head", "linear", x, in_features=hid, out_features=cfg.vocab, bias=False)
     return b.op("next_token", "argmax_last", logits, out_itemsize=INDEX)  # greedy: the last position's argmax
 
@@ -227,7 +243,7 @@ def layer(b: ScopeBuilder, x: Tensor, i: int, kind: str, cfg: LMConfig, v: Varia
     elif moe_block is not None:
         h = moe_block(b, h, f"{p}.mlp", cfg, tokens, batch)
     else:
-        h = moe(b, h, f"{p}.mlp", cfg, tokens, hits)
+        h = moe(b, h, f"{p}.mlp", cfg, tokens, hits, batch)
     return b.op(f"{p}.residual_mlp", "add", x, h)
 
 
@@ -254,7 +270,9 @@ def self_attn(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, v: Variants, *,
         k = b.op(f"{p}.cache_key", "cache_update", pk, k)
         val = b.op(f"{p}.cache_value", "cache_update", pv, val)
     if v.attention == "eager":
-        s = b.op(f"{p}.scores", "attention_scores", q, k, causal=causal)
+        # several sequences of several tokens: q (rotated in its tokens-major layout) is copied for the bmm
+        copy = {"q_copy": more_than_one(batch)} if batch != 1 and sp.sympify(tokens) != 1 else {}
+        s = b.op(f"{p}.scores", "attention_scores", q, k, causal=causal, **copy)
         s = b.op(f"{p}.scale", "scalar_mul", s)
         s = b.op(f"{p}.causal_mask", "add", s, mask)
         s = b.op(f"{p}.softmax", "softmax_fp32", s, out_itemsize=S.dtype_bytes)
@@ -277,11 +295,12 @@ def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int, linear=N
     return linear(b, f"{p}.down_proj", m, in_features=inter, out_features=hidden)
 
 
-def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tensor:
+def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1) -> Tensor:
     """fp32 router, greedy top-k, the eager experts loop (k routed rows per token), the shared expert."""
     hid, k, inter, e = cfg.hidden, cfg.experts_per_token, cfg.moe_intermediate, cfg.routed_experts
-    rows = tokens * k   # whatever the router decides: k distinct experts per token
-    flat = b.op(f"{p}.flatten", "reshape", h, shape=(tokens, hid))
+    n = batch * tokens   # the experts loop sees the batch's tokens as one list
+    rows = n * k   # whatever the router decides: k distinct experts per token
+    flat = b.op(f"{p}.flatten", "reshape", h, shape=(n, hid))
     r = b.op(f"{p}.gate.cast", "cast", flat, out_itemsize=FP32)
     logits = b.op(f"{p}.gate", "linear", r, in_features=hid, out_features=e, bias=False, weight_itemsize=FP32)
     scores = b.op(f"{p}.gate.softmax", "softmax_fp32", logits, out_itemsize=FP32)
@@ -290,27 +309,30 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits) -> Tens
     acc = b.op(f"{p}.experts.zeros_like", "zeros_init", flat)
     mask = b.op(f"{p}.experts.expert_mask", "expert_mask", top, experts=e, hits=hits, out_itemsize=INDEX)
     where = b.op(f"{p}.experts.where", "expert_select", mask, rows=rows, hits=hits, out_itemsize=INDEX)
-    x = b.op(f"{p}.experts.gather", "expert_gather", flat, where, rows=rows, width=hid)
+    # the eager loop launches these once per expert hit (`launches`: the time model's kernel count)
+    x = b.op(f"{p}.experts.gather", "expert_gather", flat, where, rows=rows, width=hid, launches=hits)
     gu = b.op(f"{p}.experts.gate_up_proj", "routed_linear", x, in_features=hid, out_features=2 * inter,
               hits=hits, experts=e, active_experts=k)
     gate = b.op(f"{p}.experts.gate", "slice", gu, shape=(rows, inter))   # chunk(2): views
     up = b.op(f"{p}.experts.up", "slice", gu, shape=(rows, inter))
-    act = b.op(f"{p}.experts.act_fn", "silu", gate)
-    m = b.op(f"{p}.experts.mul", "mul", act, up)
+    act = b.op(f"{p}.experts.act_fn", "silu", gate, launches=hits)
+    m = b.op(f"{p}.experts.mul", "mul", act, up, launches=hits)
     out = b.op(f"{p}.experts.down_proj", "routed_linear", m, in_features=inter, out_features=hid,
                hits=hits, experts=e, active_experts=k)
-    w = b.op(f"{p}.experts.routing_weights.select", "routed_gather", top, where, rows=rows)
-    out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32)
-    out = b.op(f"{p}.experts.cast", "cast", out, out_itemsize=S.dtype_bytes)
+    w = b.op(f"{p}.experts.routing_weights.select", "routed_gather", top, where, rows=rows, launches=hits)
+    out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32, launches=hits)
+    out = b.op(f"{p}.experts.cast", "cast", out, out_itemsize=S.dtype_bytes, launches=hits)
     out = b.op(f"{p}.experts.combine", "index_add_", acc, out, where, hits=hits)
-    routed = b.op(f"{p}.experts.unflatten", "reshape", out, shape=(1, tokens, hid))
+    routed = b.op(f"{p}.experts.unflatten", "reshape", out, shape=(batch, tokens, hid))
     shared = swiglu(b, h, f"{p}.shared_experts", hid, cfg.shared_intermediate)
     return b.op(f"{p}.add_shared", "add", routed, shared)
 
 
 def decoder_graph(cfg: LMConfig = LM, variants: Variants = VENDOR, crop_mode: bool = True,
-                  experts_hit: sp.Expr | None = None) -> CostGraph:
-    """The language model alone (its image input is a placeholder of the right length)."""
-    g = CostGraph("deepseek-ocr.decoder", params={"crop_mode": crop_mode, **variants.as_dict()})
-    build(g, cfg, variants, crop_mode=crop_mode, experts_hit=experts_hit)
+                  experts_hit: sp.Expr | None = None, batch=1) -> CostGraph:
+    """The language model alone (its image input is a placeholder of the right length); `batch`
+    sequences of the same prompt run together (`costgraph.symbols.batch` keeps it symbolic)."""
+    g = CostGraph("deepseek-ocr.decoder", params={"crop_mode": crop_mode, **variants.as_dict(),
+                                                  **({"batch": batch} if batch != 1 else {})})
+    build(g, cfg, variants, crop_mode=crop_mode, experts_hit=experts_hit, batch=batch)
     return g
