@@ -986,7 +986,9 @@ def einsum_backward(*operands, grads, weight_grad, equation, copies=()):
 
 
 @register_backward("attention_scores")
-def attention_scores_backward(q, k, *, grads, weight_grad, causal):
+def attention_scores_backward(q, k, *, grads, weight_grad, causal, q_copy=0):
+    """The two products' gradients; q's copy (`q_copy`, several sequences' heads) passes its gradient
+    through (contiguous's backward is the identity)."""
     out, fwd = attention_scores(q, k, causal=causal)
     return _product_backward((q, k), Spec(out, itemsize(q)), grads, fwd.flops)
 

@@ -191,3 +191,14 @@ def test_cli_bad_training_options(cli, argv, words):
     code, out, err = cli("cost", "--mode", "gundam", "--size", "1654x2339", *argv)
     assert code == 2 and words in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_backward_formulas_take_their_forwards_attrs():
+    """A backward formula is called with its forward node's attrs: every keyword its forward takes."""
+    import inspect
+    for kind, back in ops.BACKWARD.items():
+        params = inspect.signature(back).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            continue
+        forward = {n for n, p in inspect.signature(ops.OPS[kind]).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        assert forward <= set(params), (kind, forward - set(params))

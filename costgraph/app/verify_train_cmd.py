@@ -8,7 +8,6 @@ full-size language model on CPU: forward, loss, backward; then the memory run), 
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from costgraph.graphs.deepseek_ocr import MODEL

@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 
 from costgraph import forms
+from costgraph.ops import more_than_one
 from costgraph.model import Model, PageRule, Point, VariantOption
 from . import assembly, decoder, layout as L, training
 from . import symbols as S
@@ -392,6 +393,12 @@ FORM_RULES = (
                                     "a view); the w_crop = 1 case is given separately",
                          r"w_{\mathrm{crop}} \geq 2"),
         "single column w_crop = 1", ((assembly.stitch_copies(), 0), (S.w_crop, 1))),
+    forms.IndicatorRule(
+        more_than_one(S.batch),
+        forms.Assumption("batched", "batch >= 2: several sequences' attention heads are materialised before the "
+                                    "score products (one sequence's are a view); batch = 1 is given separately",
+                         r"B \geq 2"),
+        "one sequence, batch = 1", ((S.batch, 1),)),
     forms.BoundRule("experts", "every MoE layer's experts loop runs all {values} experts: min(experts, k*L) = "
                                "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR prompt: "
                                "k*L >= 6*74 > 64)", r"\min(E, kL) = E"),
