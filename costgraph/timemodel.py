@@ -103,7 +103,7 @@ class StageTimes:
             attrs = dict(d["attrs"])
             if d["in_itemsizes"]:
                 attrs["_in_itemsize"] = d["in_itemsizes"][0]
-            e = RL._factor(graph, n) * _kernels(d["kind"], attrs, d["out_itemsize"])
+            e = RL.batch_factor(graph, n) * _kernels(d["kind"], attrs, d["out_itemsize"])
             self._keys.append(unique.setdefault(e, f"k{len(unique)}"))
         self._kernels = Compiled({key: e for e, key in unique.items()}, fixed=fixed)
         self.args = sorted(set(self.metrics.args) | {s.name for s in self._kernels.args})
