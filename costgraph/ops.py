@@ -1288,12 +1288,16 @@ def masked_scatter_backward(x, source, *, grads, weight_grad):
 
 @register_backward("router_topk")
 def router_topk_backward(scores, *, grads, weight_grad, k):
-    """topk's backward: zeros of the scores' shape, the k weights' gradients scattered at their indices."""
+    """topk's backward: `grad.new_zeros(scores' shape)` (reads its receiver, the k weights' gradient, by the
+    footprint rule), then `scatter` of that gradient at the indices into the zeros (reads the zeros, the
+    indices and the gradient; writes the result)."""
     if not grads[0]:
         return Grad(Cost())
     tokens = prod(scores[:-1])
     b = itemsize(scores)
-    return Grad(_cost(read=tokens * k * (b + INT64), written=2 * nbytes(scores), out=nbytes(scores)))
+    grad = tokens * k * b
+    return Grad(_cost(read=grad + nbytes(scores) + tokens * k * INT64 + grad, written=2 * nbytes(scores),
+                      out=nbytes(scores)))
 
 
 @register_backward("moe_repeat")
