@@ -267,9 +267,13 @@ class DeepSeekOCR(CropGridLM):
 
     def describe(self, mode, point, variants, dtype):
         r, q = point.record["layout"], point.record["sequence"]
-        return [f"mode {mode.name} ({mode.note})", point.label, _valid_tokens_line(r),
-                f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
-                f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)",
+        if variants.training:
+            run = (f"training step: {q.get('batch', 1)} page(s), each a sequence of {q['prompt_tokens']} tokens "
+                   f"(1 BOS + {r['image_tokens']} image + {q['text_tokens']} text: prompt and answer)")
+        else:
+            run = (f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
+                   f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)")
+        return [f"mode {mode.name} ({mode.note})", point.label, _valid_tokens_line(r), run,
                 f"variants: {variants.label()}; storage dtype {dtype}"]
 
     # ---- parameters -------------------------------------------------------------------------
