@@ -202,3 +202,12 @@ def test_backward_formulas_take_their_forwards_attrs():
             continue
         forward = {n for n, p in inspect.signature(ops.OPS[kind]).parameters.items() if p.kind == p.KEYWORD_ONLY}
         assert forward <= set(params), (kind, forward - set(params))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch", "0"], "batch must be an integer >= 1"),
+    (["--text-tokens", "8000"], "exceeds the language model's 8,192 positions"),
+])
+def test_cli_bad_training_sequences(cli, argv, words):
+    code, out, err = cli("cost", "--mode", "gundam", "--size", "1654x2339", "--phase", "train", *argv)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1

@@ -167,7 +167,7 @@ class DeepSeekOCR(CropGridLM):
             rec["layout"]["what_if"] = note
         if batch is not None:
             rec["sequence"]["batch"] = batch
-        values = {**assembly.layout_values(lay), **self.sequence_values(text_tokens, output_tokens, batch or 1)}
+        values = {**assembly.layout_values(lay), **self.sequence_values(text_tokens, output_tokens, 1 if batch is None else batch)}
         r = rec["layout"]
         label = (f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}, {r['num_crops']} crops, "
                  f"{r['image_tokens']} image tokens ({r['paper_tokens']} without newlines/separator)")

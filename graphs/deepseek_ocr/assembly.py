@@ -207,6 +207,10 @@ def prompt_record(image_tokens: int, text_tokens: int, output_tokens: int, max_p
     language model's `max_positions`."""
     sequence_values(text_tokens, output_tokens)
     prompt = 1 + text_tokens + image_tokens
+    if prompt > max_positions:
+        raise ValueError(f"the sequence (1 BOS + {image_tokens} image + {text_tokens:,} text = {prompt:,} tokens) "
+                         f"exceeds the language model's {max_positions:,} positions (at most "
+                         f"{max(max_positions - 1 - image_tokens, 0):,} text tokens for this page)")
     if prompt + output_tokens - 1 > max_positions:
         raise ValueError(f"the prompt ({prompt} tokens) and {output_tokens:,} output tokens need "
                          f"{prompt + output_tokens - 1:,} positions; the language model has {max_positions:,} "
