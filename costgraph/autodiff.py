@@ -204,7 +204,7 @@ def add_optimizer(g: CostGraph, scope: str, trained: tuple[str, ...], optimizer:
 
 def trained_weights(g: CostGraph, trained) -> P.ParamTotals:
     """Trained parameters, each module once (a module in two scopes trains once)."""
-    return P._total(P.by_module(g, trained, executed_only=False).values())
+    return P.total(P.by_module(g, trained, executed_only=False).values())
 
 
 def trained_nodes(g: CostGraph) -> list[str]:

@@ -894,11 +894,6 @@ def register_backward(*kinds: str, index_inputs: tuple[int, ...] = ()):
     return deco
 
 
-def _grad_out(kind, specs, attrs) -> Spec:
-    shape, _ = OPS[kind](*specs, **attrs)
-    return shape if isinstance(shape, Spec) else Spec(shape, itemsize(specs[0]) if specs else S.dtype_bytes)
-
-
 def _gx(n_in, b_in, ew_op=None, reads=0, elements=None) -> Cost:
     """One gradient kernel writing an input's gradient of n_in elements (b_in bytes each)."""
     e = 0 if ew_op is None else ew(ew_op, n_in if elements is None else elements)

@@ -188,7 +188,8 @@ class ParamTotals:
                 "active_weight_bytes": self.active_bytes, "modules": sp.Integer(self.modules)}
 
 
-def _total(ws) -> ParamTotals:
+def total(ws) -> ParamTotals:
+    """The totals of a set of modules' weights (each counted once)."""
     ws = list(ws)
     return ParamTotals(sp.Add(*[w.count for w in ws]), sp.expand(sp.Add(*[w.nbytes for w in ws])),
                        sp.Add(*[w.active for w in ws]), sp.expand(sp.Add(*[w.active_bytes for w in ws])), len(ws))
@@ -197,12 +198,12 @@ def _total(ws) -> ParamTotals:
 def resident(graph, scope: str | None = None) -> ParamTotals:
     """What the checkpoint stores (for `scope`'s root, or the whole graph): executed or not, once each."""
     nodes = graph.nodes(_root(scope) if scope else None)
-    return _total(by_module(graph, nodes, executed_only=False).values())
+    return total(by_module(graph, nodes, executed_only=False).values())
 
 
 def executed(graph, scope: str) -> ParamTotals:
     """Weights the nodes of `scope` (and its sub-scopes) use, once each; `active` is per token."""
-    return _total(by_module(graph, graph.nodes(scope), executed_only=True).values())
+    return total(by_module(graph, graph.nodes(scope), executed_only=True).values())
 
 
 def unexecuted(graph, scope: str | None = None) -> dict[str, sp.Expr]:
