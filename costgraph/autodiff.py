@@ -95,7 +95,7 @@ def add_backward(g: CostGraph, loss: str, scopes: Mapping[str, str], trains: Cal
         else:
             requires[n] = any(requires.get(p, False) for p in d["inputs"]) or (bool(d["weights"]) and trains(n))
     runs = [n for n in forward if requires[n] and n in needed and data[n]["kind"] != "input"]
-    # (consumer backward node, input position) pairs that pass each tensor a gradient
+    # tensor -> the consumers whose backward passes it a gradient (index inputs get none)
     sources: dict[str, list[str]] = {}
     grads_of: dict[str, tuple] = {}
     for n in runs:
