@@ -109,6 +109,10 @@ class Model:
         opts = [o for o in self.variant_options if o.choices]
         return [dict(zip([o.name for o in opts], c)) for c in itertools.product(*[o.choices for o in opts])]
 
+    def sequence_fixed(self, variants) -> dict:
+        """Sequence values a variant fixes whatever is asked (a training step: no output tokens)."""
+        return {}
+
     def mode_values(self, mode) -> dict[sp.Symbol, int]:
         raise NotImplementedError
 

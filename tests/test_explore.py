@@ -120,7 +120,9 @@ def input_sets():
         page = {"mode": mode, "width": w, "height": h, "max_num": max_num, "text_tokens": text, "output_tokens": out,
                 "dtype": dtype, "hardware": hardware, "variants": variants}
         args = ["cost", "--mode", mode, "--size", f"{w}x{h}", "--max-num", str(max_num), "--text-tokens", str(text),
-                "--output-tokens", str(out), "--dtype", dtype, "--json"]
+                "--dtype", dtype, "--json"]
+        if variants.get("phase") != "train":   # a training step generates nothing: the CLI refuses output tokens
+            args += ["--output-tokens", str(out)]
         args += [a for k, v in variants.items() for a in (f"--{k.replace('_', '-')}", v)]
         if hardware:
             args += ["--hardware", hardware]
@@ -136,12 +138,20 @@ def input_sets():
     for mode in ("tiny", "small", "base", "large"):
         for w, h in ((1654, 2339), (3000, 400), (300, 300)):
             add(mode, w, h, dtype=rng.choice(["bf16", "fp32"]))
-    # every choice of every variant option, in as few combinations as cover them (each costs the CLI seconds)
-    width = max(len(o.choices) for o in opts)
+    # every choice of every variant option, in as few combinations as cover them (each costs the CLI seconds),
+    # and every variant set of another phase (a training step per setting)
+    defaults = {o.name: o.default for o in opts}
+    inference = [s for s in explore.combos(model) if s.get("phase", defaults.get("phase")) == defaults.get("phase")]
+    width = max(len({s[o.name] for s in inference}) for o in opts)
     for k in range(1, width):
-        options = {o.name: o.choices[k % len(o.choices)] for o in opts}
+        options = {o.name: sorted({s[o.name] for s in inference})[k % len({s[o.name] for s in inference})]
+                   for o in opts}
         add("gundam", 1200, 1700, variants=options, out=rng.choice([1, 500]))
         add("base", 1654, 2339, variants=options, dtype="fp32")
+    for s in explore.combos(model):
+        if s not in inference:
+            add("gundam", 1654, 2339, variants=s, text=rng.choice([10, 300]), hardware="h200")
+            add("small", 800, 600, variants=s, dtype="fp32")
     add("gundam", 1654, 2339, out=200, hardware="h200")
     add("base", 2000, 1000, out=50, hardware="a100-40gb", dtype="fp32")
     add("gundam-m", 2500, 900, out=3, hardware="l4")

@@ -14,7 +14,7 @@ script and styles), the model as data, and the model's formulas compiled to Java
   printer, for the variants the page is made with (`--attention ...`): every mode, scope, metric, dtype.
 
 Graphs are the model's own (`Model.graph` for every mode and every combination of the model's variant
-options, `Model.variant_sets`): a new option or phase appears in the page as a new control with no
+options, `Model.variant_sets`, a phase's included): a new option or phase appears in the page as a new control with no
 edit of the page. A graph's node list is stored as runs of shared rows (node, costs), so variants that
 change a few nodes cost a few rows.
 
@@ -182,13 +182,20 @@ def page_data(model, variants_options: dict | None = None, progress=None) -> tup
     chosen = {o.name: o.default for o in page_options(model)}
     chosen.update(variants_options or {})
     graphs_by_combo = {}
+    fixed = {}
     for options in combos(model):
         variants = model.variants(**options)
         graphs_by_combo[combo_key(options)] = {name: b.graph(model.graph(mode, variants))
                                                for name, mode in model.modes.items()}
+        for name, mode in model.modes.items():   # a graph's own scopes and stages (a phase has its own)
+            d = b.graph_data[graphs_by_combo[combo_key(options)][name]]
+            d.setdefault("report_scopes", {})[name] = list(model.scopes(mode, variants))
+            d.setdefault("roofline_stages", {})[name] = list(model.roofline_stages(mode, variants))
+        fixed[combo_key(options)] = model.sequence_fixed(variants)
     modes = {}
     for name, mode in model.modes.items():
         modes[name] = {
+            "name": name,
             "note": getattr(mode, "note", ""),
             "values": {s.name: int(v) for s, v in model.mode_values(mode).items()},
             "scopes": list(model.scopes(mode)),
@@ -208,6 +215,7 @@ def page_data(model, variants_options: dict | None = None, progress=None) -> tup
         "variant_options": [{"name": o.name, "choices": list(o.choices), "default": chosen[o.name], "help": o.help}
                             for o in page_options(model)],
         "graphs_by_combo": graphs_by_combo,
+        "sequence_fixed": fixed,
         "graphs": b.graph_data,
         "scope_names": list(b.scope_names),
         "nodes": [[b.scope_names[s], path, kind] for (s, path, kind) in b.nodes],

@@ -74,14 +74,23 @@ class DeepSeekOCR(CropGridLM):
 
     # ---- modes and variants -----------------------------------------------------------------
     def variant_sets(self):
-        """The inference variants (every combination of attention, lm_head, rope); the training phase's
-        settings are the CLI's (`--phase train`, `costgraph recipes`)."""
+        """Every inference variant (attention x lm_head x rope), and a training step (the vendor HF path) for
+        each `--train` setting at its defaults (LoRA r=16, AdamW, no checkpointing, one page)."""
         opts = [o for o in self.variant_options if o.name in ("attention", "lm_head", "rope")]
-        return [dict(zip([o.name for o in opts], c)) for c in itertools.product(*[o.choices for o in opts])]
+        names = [o.name for o in opts]
+        sets = [{**dict(zip(names, c)), "phase": "inference", "train": "lm"}
+                for c in itertools.product(*[o.choices for o in opts])]
+        return sets + [{"attention": "eager", "lm_head": "all", "rope": "vendor", "phase": "train", "train": t}
+                       for t in decoder.TRAIN]
+
+    def sequence_fixed(self, variants) -> dict:
+        """Sequence values a variant fixes: a training step generates nothing (output_tokens 1)."""
+        return {"output_tokens": 1} if variants.training else {}
 
     def variants(self, **options):
         if options.get("phase", "inference") != "train":
-            given = [k for k in decoder.TRAINING_FIELDS if k in options]
+            defaults = decoder.Variants()
+            given = [k for k in decoder.TRAINING_FIELDS if k in options and options[k] != getattr(defaults, k)]
             if given:
                 raise ValueError(f"--{given[0].replace('_', '-')} applies to --phase train")
         elif options.get("train", "lm") != "lora":
