@@ -432,6 +432,10 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
         if not autodiff.trained_nodes(g):
             raise ValueError("peak_memory_bytes is a training metric (--phase train): weights, gradients, optimizer "
                              "state, master copies and the step's activation peak")
+        if not scope_stages(model, mode, scope, variants):
+            stages_ = ", ".join(model.stages(mode, variants))
+            raise ValueError(f"peak_memory_bytes is a whole step's memory: choose the scope of a step ({stages_}), "
+                             f"not {scope!r}")
         static = sp.Add(*autodiff.static_memory(g).values())
         return sub(sp.expand(static) + peak_formula(model, mode, scope, variants))
     if metric == "kv_cache_bytes":

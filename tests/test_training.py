@@ -211,3 +211,11 @@ def test_backward_formulas_take_their_forwards_attrs():
 def test_cli_bad_training_sequences(cli, argv, words):
     code, out, err = cli("cost", "--mode", "gundam", "--size", "1654x2339", "--phase", "train", *argv)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_peak_memory_is_a_whole_steps(cli):
+    code, out, err = cli("formula", "--mode", "gundam", "--phase", "train", "--metric", "peak_memory_bytes",
+                         "--scope", "vision")
+    assert code == 2 and "whole step" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("formula", "--mode", "gundam", "--metric", "peak_memory_bytes", "--scope", "e2e")
+    assert code == 2 and "training metric" in err
