@@ -726,27 +726,33 @@ def apply(kind: str, inputs: Sequence[Shape], attrs: dict) -> tuple[Shape, Cost]
 
     `when` (an indicator expression) is taken off the attrs and scales the whole cost.
     """
+    (shape, cost), when = _memoised(OPS, "formula", kind, inputs, attrs)
+    return shape, (cost if when is None else cost * when)
+
+
+def _memoised(registry: dict, what: str, kind: str, inputs: Sequence[Shape], attrs: dict, **extra):
+    """(the registered formula's result, the `when` indicator taken off the attrs). Formulas are pure
+    functions of shapes and attrs: a layer repeated 12 or 24 times computes its sympy expressions once
+    (the key holds the element sizes, which a tuple's hash leaves out)."""
     try:
-        fn = OPS[kind]
+        fn = registry[kind]
     except KeyError:
-        raise ValueError(f"no formula registered for op kind {kind!r}") from None
+        raise ValueError(f"no {what} registered for op kind {kind!r}") from None
     attrs = dict(attrs)
     when = attrs.pop("when", None)
     specs = [x if isinstance(x, Spec) else Spec(x) for x in inputs]
-    # Formulas are pure functions of shapes and attrs: a layer repeated 12 or 24 times computes its
-    # sympy expressions once (the key holds the element sizes, which a tuple's hash leaves out).
     try:
-        key = (kind, tuple((tuple(x), x.itemsize) for x in specs), tuple(sorted(attrs.items())))
+        key = (what, kind, tuple((tuple(x), x.itemsize) for x in specs), tuple(sorted(attrs.items())),
+               tuple(sorted(extra.items())))
         hash(key)
     except TypeError:
         key = None
     if key is not None and key in _APPLIED:
-        shape, cost = _APPLIED[key]
-    else:
-        shape, cost = fn(*specs, **attrs)
-        if key is not None:
-            _APPLIED[key] = (shape, cost)
-    return shape, (cost if when is None else cost * when)
+        return _APPLIED[key], when
+    out = fn(*specs, **attrs, **extra)
+    if key is not None:
+        _APPLIED[key] = out
+    return out, when
 
 
 _APPLIED: dict = {}
@@ -1408,12 +1414,6 @@ def nll_loss_backward(log_probs, *, grads, weight_grad, **attrs):
 
 def backward(kind: str, inputs: Sequence[Shape], attrs: dict, grads: tuple, weight_grad: bool) -> Grad:
     """The backward formula of a node (its forward's kind, input specs and attrs)."""
-    try:
-        fn = BACKWARD[kind]
-    except KeyError:
-        raise ValueError(f"no backward formula registered for op kind {kind!r}") from None
-    attrs = dict(attrs)
-    when = attrs.pop("when", None)
-    specs = [x if isinstance(x, Spec) else Spec(x) for x in inputs]
-    cost, saved = fn(*specs, grads=tuple(grads), weight_grad=bool(weight_grad), **attrs)
+    (cost, saved), when = _memoised(BACKWARD, "backward formula", kind, inputs, attrs, grads=tuple(grads),
+                                    weight_grad=bool(weight_grad))
     return Grad(cost if when is None else cost * when, saved)
