@@ -45,19 +45,21 @@ def max_num_option(args) -> dict:
 
 
 def variant_args(q) -> None:
-    """Every model's variant options (a model ignores the ones it does not have)."""
-    seen = set()
+    """Every model's variant options (a model ignores the ones it does not have; an option several models
+    have takes any model's choices, and the chosen model's variants refuse the others in one line)."""
+    options, choices = {}, {}
     for m in MODELS.values():
         for o in m.variant_options:
-            if o.name in seen:
-                continue
-            seen.add(o.name)
-            if o.choices:
-                q.add_argument(f"--{o.name.replace('_', '-')}", choices=list(o.choices), default=None,
-                               help=f"{o.help} (default: {o.default})")
-            else:
-                q.add_argument(f"--{o.name.replace('_', '-')}", type=_parsed(o), default=None,
-                               help=f"{o.help} (default: {o.default})")
+            options.setdefault(o.name, o)
+            choices.setdefault(o.name, [])
+            choices[o.name] += [c for c in o.choices if c not in choices[o.name]]
+    for name, o in options.items():
+        if o.choices:
+            q.add_argument(f"--{o.name.replace('_', '-')}", choices=choices[name], default=None,
+                           help=f"{o.help} (default: {o.default})")
+        else:
+            q.add_argument(f"--{o.name.replace('_', '-')}", type=_parsed(o), default=None,
+                           help=f"{o.help} (default: {o.default})")
 
 
 def _parsed(option):

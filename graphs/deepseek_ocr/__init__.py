@@ -21,15 +21,64 @@ from .config import DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_P
 from .published import PARAM_PARTS, PUBLISHED
 
 
+def training_options(train: tuple[str, ...], train_help: str) -> tuple[VariantOption, ...]:
+    """The variant options of the training phase (`train`: what may train, described by `train_help`)."""
+    return (
+        VariantOption("phase", decoder.PHASES, "inference",
+                      "inference: vision, prefill, decode; train: a fine-tuning step (forward, loss, backward, "
+                      "optimizer) per micro-batch of --batch pages"),
+        VariantOption("train", train, "lm", train_help),
+        VariantOption("lora_rank", (), 16, "LoRA rank r (--train lora)", parse=int),
+        VariantOption("lora_alpha", (), 16, "LoRA alpha (scaling alpha/r; --train lora)", parse=int),
+        VariantOption("lora_targets", (), ",".join(decoder.LORA_TARGETS),
+                      "LoRA targets among q,k,v,o,gate,up,down (the <name>_proj modules; --train lora)"),
+        VariantOption("optimizer", decoder.OPTIMIZERS, "adamw",
+                      "optimizer state and update (--phase train): AdamW (two fp32 moments), 8-bit AdamW, SGD"),
+        VariantOption("checkpointing", decoder.CHECKPOINTING, "none",
+                      "gradient checkpointing (--phase train): none, or per decoder layer (recomputed before "
+                      "its backward)"),
+    )
+
+
 class CropGridLM(Model):
     """What DeepSeek-OCR and DeepSeek-OCR 2 share as models: views of a page on a crop grid (w_crop x h_crop),
-    then a generating language model (prefill, decode)."""
+    then a generating language model (prefill, decode), and fine-tuning steps of B pages."""
     generates = True
     lm_scope = "decoder"
     prefill_scope = "decoder.prefill"
     term_symbols = (S.w_crop, S.h_crop, S.text_tokens, S.output_tokens)
     term_groups = {(S.w_crop, S.h_crop): "crop"}
     point_symbols = (S.w_crop, S.h_crop)
+    TRAINING_ROOFLINE_STAGES = ("vision", "decoder", "backward", "recompute", "optimizer")
+
+    def sequence_fixed(self, variants) -> dict:
+        """Sequence values a variant fixes: a training step generates nothing (output_tokens 1)."""
+        return {"output_tokens": 1} if variants.training else {}
+
+    def check_sequence(self, text_tokens, output_tokens, batch=1):
+        self.sequence_values(text_tokens, output_tokens, batch)
+        check_positions(text_tokens, output_tokens, self.max_positions)
+
+    def sequence_values(self, text_tokens, output_tokens, batch=1):
+        """The sequence symbols' values; `batch`: pages per training micro-batch (a training step's B)."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        return {**assembly.sequence_values(text_tokens, output_tokens), S.batch: batch}
+
+    def training_run(self, record: dict) -> str:
+        """A training step's sequence in words (`describe`)."""
+        r, q = record["layout"], record["sequence"]
+        return (f"training step: {q.get('batch', 1)} page(s), each a sequence of {q['prompt_tokens']} tokens "
+                f"(1 BOS + {r['image_tokens']} image + {q['text_tokens']} text: prompt and answer)")
+
+    def training_peak_samples(self, grids, mode_values: list[dict]) -> dict:
+        """A training step's domain for its peak's closed form: the given grids (1x1 included) under each
+        of `mode_values`, prompts of 0..7,000 text tokens, batches of 1..32, both storage dtypes."""
+        axes = [mode_values, grids, [0, 16, 64, 256, 1024, 2048, 4096, 7000], [1, 2, 4, 8, 32], [2, 4]]
+        rows = [{**{k.name: v for k, v in sizes.items()}, "w_crop": w, "h_crop": h, "text_tokens": t, "batch": b,
+                 "dtype_bytes": d}
+                for sizes in axes[0] for (w, h) in axes[1] for t in axes[2] for b in axes[3] for d in axes[4]]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
 class DeepSeekOCR(CropGridLM):
@@ -48,22 +97,8 @@ class DeepSeekOCR(CropGridLM):
         VariantOption("rope", decoder.ROPE, "vendor",
                       "vendor: cos/sin recomputed per layer (a small matmul); once: per forward, "
                       "elementwise (transformers 5.x)"),
-        VariantOption("phase", decoder.PHASES, "inference",
-                      "inference: vision, prefill, decode; train: a fine-tuning step (forward, loss, backward, "
-                      "optimizer) per micro-batch of --batch pages"),
-        VariantOption("train", decoder.TRAIN, "lm",
-                      "what trains (--phase train): lm (vendor HF: vision under no_grad), full, lm+clip+projector "
-                      "(SAM frozen), lora"),
-        VariantOption("lora_rank", (), 16, "LoRA rank r (--train lora)", parse=int),
-        VariantOption("lora_alpha", (), 16, "LoRA alpha (scaling alpha/r; --train lora)", parse=int),
-        VariantOption("lora_targets", (), ",".join(decoder.LORA_TARGETS),
-                      "LoRA targets among q,k,v,o,gate,up,down (the <name>_proj modules; --train lora)"),
-        VariantOption("optimizer", decoder.OPTIMIZERS, "adamw",
-                      "optimizer state and update (--phase train): AdamW (two fp32 moments), 8-bit AdamW, SGD"),
-        VariantOption("checkpointing", decoder.CHECKPOINTING, "none",
-                      "gradient checkpointing (--phase train): none, or per decoder layer (recomputed before "
-                      "its backward)"),
-    )
+    ) + training_options(decoder.TRAIN, "what trains (--phase train): lm (vendor HF: vision under no_grad), full, "
+                                        "lm+clip+projector (SAM frozen), lora")
     max_positions = MAX_POSITIONS
     latex_names = {S.base_size: r"S_{\mathrm{base}}", S.image_size: r"S_{\mathrm{crop}}", S.patch_size: r"p"}
     published = PUBLISHED
@@ -83,20 +118,8 @@ class DeepSeekOCR(CropGridLM):
         return sets + [{"attention": "eager", "lm_head": "all", "rope": "vendor", "phase": "train", "train": t}
                        for t in decoder.TRAIN]
 
-    def sequence_fixed(self, variants) -> dict:
-        """Sequence values a variant fixes: a training step generates nothing (output_tokens 1)."""
-        return {"output_tokens": 1} if variants.training else {}
-
     def variants(self, **options):
-        if options.get("phase", "inference") != "train":
-            defaults = decoder.Variants()
-            given = [k for k in decoder.TRAINING_FIELDS if k in options and options[k] != getattr(defaults, k)]
-            if given:
-                raise ValueError(f"--{given[0].replace('_', '-')} applies to --phase train")
-        elif options.get("train", "lm") != "lora":
-            given = [k for k in ("lora_rank", "lora_alpha", "lora_targets") if k in options]
-            if given:
-                raise ValueError(f"--{given[0].replace('_', '-')} applies to --train lora")
+        decoder.check_training_options(options)
         return decoder.Variants(**options)
 
     def mode_values(self, mode):
@@ -122,7 +145,7 @@ class DeepSeekOCR(CropGridLM):
 
     def roofline_stages(self, mode, variants=None):
         if variants is not None and variants.training:
-            return ("vision", "decoder", "backward", "recompute", "optimizer")
+            return self.TRAINING_ROOFLINE_STAGES
         return assembly.ROOFLINE_STAGES
 
     def formula(self, mode, scope, metric, variants):
@@ -142,12 +165,7 @@ class DeepSeekOCR(CropGridLM):
         crop = True if mode is None else mode.crop_mode
         modes = [m for m in MODES.values() if m.crop_mode == crop]
         grids = [(1, 1)] + (L.candidate_grids(2, MAX_CROPS) if crop else [])
-        axes = [[assembly.mode_values(m) for m in modes], grids, [0, 16, 64, 256, 1024, 2048, 4096, 7000],
-                [1, 2, 4, 8, 32], [2, 4]]
-        rows = [{**{k.name: v for k, v in sizes.items()}, "w_crop": w, "h_crop": h, "text_tokens": t, "batch": b,
-                 "dtype_bytes": d}
-                for sizes in axes[0] for (w, h) in axes[1] for t in axes[2] for b in axes[3] for d in axes[4]]
-        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+        return self.training_peak_samples(grids, [assembly.mode_values(m) for m in modes])
 
     def kv_cache_bytes(self, context):
         return decoder.kv_cache_bytes(context=context)
@@ -264,21 +282,10 @@ class DeepSeekOCR(CropGridLM):
         """Points whose prompt and output exceed the language model's positions."""
         return positions_unrunnable(cols, sequence, MAX_POSITIONS)
 
-    def check_sequence(self, text_tokens, output_tokens, batch=1):
-        self.sequence_values(text_tokens, output_tokens, batch)
-        check_positions(text_tokens, output_tokens, MAX_POSITIONS)
-
-    def sequence_values(self, text_tokens, output_tokens, batch=1):
-        """The sequence symbols' values; `batch`: pages per training micro-batch (a training step's B)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-        return {**assembly.sequence_values(text_tokens, output_tokens), S.batch: batch}
-
     def describe(self, mode, point, variants, dtype):
         r, q = point.record["layout"], point.record["sequence"]
         if variants.training:
-            run = (f"training step: {q.get('batch', 1)} page(s), each a sequence of {q['prompt_tokens']} tokens "
-                   f"(1 BOS + {r['image_tokens']} image + {q['text_tokens']} text: prompt and answer)")
+            run = self.training_run(point.record)
         else:
             run = (f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
                    f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)")

@@ -30,6 +30,7 @@ profiler blind to that kernel reports (its FLOPs and elementwise work 0, its byt
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import sympy as sp
 
@@ -72,10 +73,13 @@ class Variants:
     lora_targets: str = ",".join(LORA_TARGETS)
     optimizer: str = "adamw"
     checkpointing: str = "none"
+    # what `train` may name: a model built on these blocks with other vision modules names its own settings
+    train_settings: ClassVar[tuple[str, ...]] = TRAIN
 
     def __post_init__(self):
         for name, allowed in (("attention", ATTENTION), ("lm_head", LM_HEAD), ("rope", ROPE), ("phase", PHASES),
-                              ("train", TRAIN), ("optimizer", OPTIMIZERS), ("checkpointing", CHECKPOINTING)):
+                              ("train", self.train_settings), ("optimizer", OPTIMIZERS),
+                              ("checkpointing", CHECKPOINTING)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} variant {getattr(self, name)!r} (choose from {', '.join(allowed)})")
         for name in ("lora_rank", "lora_alpha"):
@@ -108,6 +112,19 @@ class Variants:
 
 
 VENDOR = Variants()
+
+
+def check_training_options(options: dict) -> None:
+    """Training fields apply to `phase="train"` only, LoRA's to `train="lora"`: one line naming the first
+    misplaced option (a default value given explicitly is accepted)."""
+    if options.get("phase", "inference") != "train":
+        given = [k for k in TRAINING_FIELDS if k in options and options[k] != getattr(VENDOR, k)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --phase train")
+    elif options.get("train", "lm") != "lora":
+        given = [k for k in ("lora_rank", "lora_alpha", "lora_targets") if k in options]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --train lora")
 
 
 # ---- sequence lengths, routing, KV cache ---------------------------------------------------
@@ -295,8 +312,12 @@ def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int, linear=N
     return linear(b, f"{p}.down_proj", m, in_features=inter, out_features=hidden)
 
 
-def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1) -> Tensor:
-    """fp32 router, greedy top-k, the eager experts loop (k routed rows per token), the shared expert."""
+def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1, linear=None,
+        gathers: tuple[str, str] = ("expert_gather", "routed_gather")) -> Tensor:
+    """fp32 router, greedy top-k, the eager experts loop (k routed rows per token), the shared expert
+    (`linear`: its projections' builder, as in `swiglu`; the routed experts are 3-D parameters, not
+    Linear modules). `gathers`: the op kinds of the rows' and the routing weights' gathers (a training
+    step's name the expert runs, for their backward)."""
     hid, k, inter, e = cfg.hidden, cfg.experts_per_token, cfg.moe_intermediate, cfg.routed_experts
     n = batch * tokens   # the experts loop sees the batch's tokens as one list
     rows = n * k   # whatever the router decides: k distinct experts per token
@@ -310,7 +331,7 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1
     mask = b.op(f"{p}.experts.expert_mask", "expert_mask", top, experts=e, hits=hits, out_itemsize=INDEX)
     where = b.op(f"{p}.experts.where", "expert_select", mask, rows=rows, hits=hits, out_itemsize=INDEX)
     # the eager loop launches these once per expert hit (`launches`: the time model's kernel count)
-    x = b.op(f"{p}.experts.gather", "expert_gather", flat, where, rows=rows, width=hid, launches=hits)
+    x = b.op(f"{p}.experts.gather", gathers[0], flat, where, rows=rows, width=hid, launches=hits)
     gu = b.op(f"{p}.experts.gate_up_proj", "routed_linear", x, in_features=hid, out_features=2 * inter,
               hits=hits, experts=e, active_experts=k)
     gate = b.op(f"{p}.experts.gate", "slice", gu, shape=(rows, inter))   # chunk(2): views
@@ -319,12 +340,12 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1
     m = b.op(f"{p}.experts.mul", "mul", act, up, launches=hits)
     out = b.op(f"{p}.experts.down_proj", "routed_linear", m, in_features=inter, out_features=hid,
                hits=hits, experts=e, active_experts=k)
-    w = b.op(f"{p}.experts.routing_weights.select", "routed_gather", top, where, rows=rows, launches=hits)
+    w = b.op(f"{p}.experts.routing_weights.select", gathers[1], top, where, rows=rows, launches=hits)
     out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32, launches=hits)
     out = b.op(f"{p}.experts.cast", "cast", out, out_itemsize=S.dtype_bytes, launches=hits)
     out = b.op(f"{p}.experts.combine", "index_add_", acc, out, where, hits=hits)
     routed = b.op(f"{p}.experts.unflatten", "reshape", out, shape=(batch, tokens, hid))
-    shared = swiglu(b, h, f"{p}.shared_experts", hid, cfg.shared_intermediate)
+    shared = swiglu(b, h, f"{p}.shared_experts", hid, cfg.shared_intermediate, linear=linear)
     return b.op(f"{p}.add_shared", "add", routed, shared)
 
 

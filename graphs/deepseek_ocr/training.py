@@ -105,24 +105,27 @@ def moe_train(linear):
     return block
 
 
-def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, batch, image: Tensor, slots) -> Tensor:
-    """One training forward of B sequences; returns the loss node."""
+def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, batch, image: Tensor, slots, moe_block=moe_train,
+            scatter: str = "masked_scatter_") -> Tensor:
+    """One training forward of B sequences; returns the loss node. `moe_block(linear)`: the MoE layer's
+    builder (default: the vendor's training path); `scatter`: the op kind writing the image features
+    over their slots (a model built on these blocks gives its own)."""
     hid = cfg.hidden
     linear = lora_linear(v.lora_rank, _lora_targets(v))
     ids = b.input("input_ids", (batch, tokens), itemsize=INDEX)
     x = b.op("embed_tokens", "embedding", ids, num_embeddings=cfg.vocab, embedding_dim=hid,
              out_itemsize=S.dtype_bytes)
     feats = b.op("image_features", "reshape", image, shape=(batch * slots, hid))   # the pages' slots, in order
-    x = b.op("image_scatter", "masked_scatter_", x, feats)
+    x = b.op("image_scatter", scatter, x, feats)
     pos = b.op("position_ids", "position_ids", tokens=tokens, out_itemsize=INDEX)
     mask = None
     if v.attention == "eager":
-        mask = b.op("attention_mask", "causal_mask", pos, keys=tokens, out_itemsize=S.dtype_bytes)
+        mask = b.op("attention_mask", "causal_mask", pos, keys=tokens, out_itemsize=S.dtype_bytes, batch=batch)
     tables = None
     if v.rope == "once":
         tables = b.op("rotary_emb", "rope_tables", pos, head_dim=cfg.head_dim, matmul=False,
                       out_itemsize=S.dtype_bytes)
-    block = moe_train(linear)
+    block = moe_block(linear)
     for i, kind in enumerate(cfg.mlp_layer_types):
         x = decoder.layer(b, x, i, kind, cfg, v, tokens=tokens, past=0, pos=pos, mask=mask, tables=tables,
                           hits=None, batch=batch, cache=False, moe_block=block, linear=linear)
@@ -168,18 +171,24 @@ def train_graph(crop_mode: bool = True, variants: Variants = Variants(phase="tra
     tokens = sequence_length(crop_mode)
     loss = forward(g.scope("decoder", doc="one language-model forward over B training sequences, and the loss"),
                    cfg, variants, tokens=tokens, batch=S.batch, image=image, slots=decoder.image_slots(crop_mode))
+    return g, add_step(g, loss.node, variants, trains(variants))
+
+
+def add_step(g: CostGraph, loss: str, variants: Variants, trains_node) -> autodiff.Step:
+    """The rest of a step after the forward (scopes `vision...` and `decoder` ending in `loss`): the
+    backward of what trains, the recomputed layers under checkpointing, the optimizer update."""
     grads = autodiff.mirror_scopes(g, tuple(s for s in ("vision", "vision.global", "vision.crops", "decoder")
                                             if s in g.scopes), "backward", "gradients of")
     recompute = autodiff.mirror_scopes(g, ("decoder",), "recompute", "checkpointed forward again before the "
                                                                      "backward of") \
         if variants.checkpointing == "layer" else {}
-    step = autodiff.add_backward(g, loss.node, grads, trains(variants),
+    step = autodiff.add_backward(g, loss, grads, trains_node,
                                  layer_segment if variants.checkpointing == "layer" else (lambda n: None), recompute)
     g.scope("optimizer", doc=f"one {variants.optimizer} update per trained parameter")
     autodiff.add_optimizer(g, "optimizer", step.trained, variants.optimizer)
     if "recompute" not in g.scopes:
         g.scope("recompute", doc="checkpointing off: nothing recomputed")
-    return g, step
+    return step
 
 
 @lru_cache(maxsize=None)

@@ -10,11 +10,11 @@ graph). This module adapts them to the interface the app uses.
 from __future__ import annotations
 
 from costgraph import forms
-from costgraph.graphs.deepseek_ocr import (METRIC_NOTES, CropGridLM, check_positions, crop_grid_columns, page_layout,
-                                            page_layout_columns, positions_unrunnable)
+from costgraph.graphs.deepseek_ocr import (METRIC_NOTES, CropGridLM, crop_grid_columns, page_layout,
+                                            page_layout_columns, positions_unrunnable, training_options)
 from costgraph.graphs.deepseek_ocr.layout import crops_run
 from costgraph.model import Point, VariantOption
-from . import assembly, decoder, layout as L
+from . import assembly, decoder, layout as L, training
 from . import symbols as S
 from .config import DEFAULT_MODE, DEFAULT_OUTPUT_TOKENS, DEFAULT_TEXT_TOKENS, MAX_CROPS, MAX_POSITIONS, MODES
 
@@ -27,14 +27,21 @@ class DeepSeekOCR2(CropGridLM):
     title = "DeepSeek-OCR 2 (SAM ViT-B + Qwen2 encoder with learned queries + projector, DeepSeek-V2 MoE 3B)"
     modes = MODES
     default_mode = DEFAULT_MODE
-    composites = assembly.COMPOSITE
-    report_parts = {assembly.E2E: assembly.E2E_PARTS}
+    composites = {**assembly.COMPOSITE, **training.COMPOSITE}
+    report_parts = {assembly.E2E: assembly.E2E_PARTS, **training.REPORT_PARTS}
     variant_options = (
         VariantOption("attention", tuple(decoder.ATTENTION), decoder.DEFAULT.attention,
                       "eager: full L x L (the CPU reference); flash: causal half; uncounted: 0"),
         VariantOption("lm_head", decoder.LM_HEAD, decoder.DEFAULT.lm_head,
-                      "prefill lm_head over all prompt positions (a plain forward) or the last (generate)"),
-    )
+                      "prefill lm_head over all prompt positions (a plain forward) or the last (generate); a "
+                      "training step computes all"),
+    ) + training_options(decoder.TRAIN, "what trains (--phase train): lm (vision frozen), full, lm+encoder+projector "
+                                        "(SAM frozen), lora (on the language model's Linear modules)")
+    recipes = (("LoRA r=16 (q,k,v,o,gate,up,down of the LM; routed experts are not Linear modules)",
+                {"train": "lora", "lora_rank": 16}),
+               ("LM, vision frozen", {"train": "lm"}),
+               ("LM + encoder + projector (SAM frozen)", {"train": "lm+encoder+projector"}),
+               ("full", {"train": "full"}))
     max_positions = MAX_POSITIONS
     default_table_rows = "default:1x1,default:2x1,default:2x2,default:2x3,default:3x2,default:6x1"
     published = {"parameters": RELEASED_PARAMETERS}
@@ -43,24 +50,46 @@ class DeepSeekOCR2(CropGridLM):
     def variants(self, **options):
         return decoder.variants(**options)
 
+    def variant_sets(self):
+        """Every inference variant (attention x lm_head), and a training step for each `--train` setting at
+        its defaults (LoRA r=16, AdamW, no checkpointing, one page)."""
+        sets = [{"attention": a, "lm_head": h, "phase": "inference", "train": "lm"}
+                for a in decoder.ATTENTION for h in decoder.LM_HEAD]
+        return sets + [{"attention": "eager", "lm_head": "all", "phase": "train", "train": t} for t in decoder.TRAIN]
+
     def mode_values(self, mode):
         return {}   # the view sides are the release's numbers in the graph
 
     # ---- graph and scopes -------------------------------------------------------------------
     def graph(self, mode, variants):
+        if variants.training:
+            return training.train_graph(variants)[0]
         return assembly.model_graph(variants)
 
     def scopes(self, mode, variants=None):
+        if variants is not None and variants.training:
+            return training.scopes_for(mode)
         return assembly.scopes_for(mode)
 
     def stages(self, mode, variants=None):
-        return assembly.STAGES
+        return training.STAGES if variants is not None and variants.training else assembly.STAGES
 
     def roofline_stages(self, mode, variants=None):
+        if variants is not None and variants.training:
+            return self.TRAINING_ROOFLINE_STAGES
         return assembly.ROOFLINE_STAGES
 
     def formula(self, mode, scope, metric, variants):
+        if variants.training:
+            return training.formula(scope, metric, variants)
         return assembly.formula(scope, metric, variants)
+
+    def peak_samples(self, mode, variants):
+        """A training step's domain (every grid up to 6 crops and 1x1; see `training_peak_samples`);
+        inference: None (every undominated candidate)."""
+        if not variants.training:
+            return None
+        return self.training_peak_samples([(1, 1)] + L.candidate_grids(2, MAX_CROPS), [{}])
 
     def prompt_length(self, mode):
         return 1 + S.text_tokens + assembly.image_slots()
@@ -73,14 +102,16 @@ class DeepSeekOCR2(CropGridLM):
         return FORM_RULES
 
     def metric_note(self, metric, variants=None):
-        return METRIC_NOTES.get(metric, "") + " " + STRUCTURE_NOTE
+        training_step = variants is not None and variants.training
+        return METRIC_NOTES.get(metric, "") + " " + (TRAINING_NOTE if training_step else STRUCTURE_NOTE)
 
     # ---- inputs -----------------------------------------------------------------------------
     def default_sequence(self):
         return {"text_tokens": DEFAULT_TEXT_TOKENS, "output_tokens": DEFAULT_OUTPUT_TOKENS}
 
     def point(self, mode, *, size=None, image=None, grid=None, max_num=MAX_CROPS, what_if=False,
-              text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS, output_text_tokens=None) -> Point:
+              text_tokens=DEFAULT_TEXT_TOKENS, output_tokens=DEFAULT_OUTPUT_TOKENS, output_text_tokens=None,
+              batch=None) -> Point:
         """A page (by size, image file or crop grid) and what the language model runs for it."""
         if output_text_tokens is not None:
             raise ValueError("DeepSeek-OCR 2 defines no valid-token rule: no compression ratio "
@@ -91,7 +122,10 @@ class DeepSeekOCR2(CropGridLM):
                "sequence": assembly.sequence_record(lay, text_tokens, output_tokens, mode)}
         if note:
             rec["layout"]["what_if"] = note
-        values = {**assembly.layout_values(lay), **assembly.sequence_values(text_tokens, output_tokens)}
+        if batch is not None:
+            rec["sequence"]["batch"] = batch
+        values = {**assembly.layout_values(lay),
+                  **self.sequence_values(text_tokens, output_tokens, 1 if batch is None else batch)}
         r = rec["layout"]
         what = f"what-if grid {r['w_crop']}x{r['h_crop']} ({note})" if note else \
             f"page {r['width']}x{r['height']} -> grid {r['w_crop']}x{r['h_crop']}"
@@ -103,19 +137,12 @@ class DeepSeekOCR2(CropGridLM):
                 "crops": layout["num_crops"], "image tokens": layout["image_tokens"],
                 "without separator": layout["paper_tokens"]}
 
-    def check_sequence(self, text_tokens, output_tokens):
-        assembly.sequence_values(text_tokens, output_tokens)
-        check_positions(text_tokens, output_tokens, MAX_POSITIONS)
-
-    def sequence_values(self, text_tokens, output_tokens):
-        return assembly.sequence_values(text_tokens, output_tokens)
-
     def describe(self, mode, point, variants, dtype):
         r, q = point.record["layout"], point.record["sequence"]
-        return [f"mode {mode.name} ({mode.note})", point.label,
-                f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
-                f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)",
-                f"variants: {variants.label()}; storage dtype {dtype}"]
+        run = self.training_run(point.record) if variants.training else (
+            f"prompt {q['prompt_tokens']} tokens (1 BOS + {r['image_tokens']} image + {q['text_tokens']} "
+            f"text), {q['output_tokens']} output tokens (prefill + {q['decode_forwards']} decode forwards)")
+        return [f"mode {mode.name} ({mode.note})", point.label, run, f"variants: {variants.label()}; storage dtype {dtype}"]
 
     # ---- tables and sweeps --------------------------------------------------------------------
     def table_point(self, mode, grid, *, max_num=MAX_CROPS, **options) -> Point:
@@ -176,5 +203,10 @@ FORM_RULES = (
 STRUCTURE_NOTE = ("The global view (1024) runs first, then a batch of w_crop*h_crop crops (768); the layout 1x1 (a "
                   "page within 768x768) means no crops, hence the Piecewise factor. The prompt is 1 + text_tokens + "
                   "256 + 144*crops + 1; decode sums forwards t = 1..output_tokens-1 over a context of prompt + t.")
+
+TRAINING_NOTE = ("A training step as transformers runs it: B pages' global views in one batch and their crops in "
+                 "another (1x1 means no crops), one forward over B sequences of 1 + image tokens + text_tokens "
+                 "(prompt and answer), the loss, the backward of what trains (backward.*), recomputed layers under "
+                 "checkpointing, one optimizer update per trained parameter.")
 
 MODEL = DeepSeekOCR2()

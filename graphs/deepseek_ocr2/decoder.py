@@ -19,21 +19,39 @@ from __future__ import annotations
 
 import sympy as sp
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from costgraph.graph import CostGraph, Tensor
 from costgraph.graphs.deepseek_ocr import decoder as blocks
-from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD, Variants  # noqa: F401
+from costgraph.graphs.deepseek_ocr.decoder import ATTENTION, LM_HEAD  # noqa: F401
 from . import ops  # noqa: F401  (registers placeholder_scatter)
 from .config import LM
 from costgraph.graphs.deepseek_ocr.config import LMConfig
+
+# What trains (`costgraph.graphs.deepseek_ocr2.training`): the language model (vision frozen), everything,
+# SAM frozen, LoRA adapters on the language model.
+TRAIN = ("lm", "full", "lm+encoder+projector", "lora")
+
+
+@dataclass(frozen=True)
+class Variants(blocks.Variants):
+    """DeepSeek-OCR's variants (the same fields and checks), with this model's training settings."""
+    train_settings: ClassVar[tuple[str, ...]] = TRAIN
+
 
 DEFAULT = Variants(attention="eager", lm_head="last", rope="once")
 
 
 def variants(**options) -> Variants:
+    """Inference defaults: eager attention, the last position's logits (generate); a training step
+    computes every position's. Training fields apply to `phase="train"` only (LoRA's to `train="lora"`)."""
     if "rope" in options and options["rope"] != "once":
         raise ValueError("DeepSeek-OCR 2's transformers code computes the RoPE tables once per forward: no rope variant")
     options.pop("rope", None)
-    return Variants(**{"attention": DEFAULT.attention, "lm_head": DEFAULT.lm_head, **options}, rope="once")
+    blocks.check_training_options(options)
+    lm_head = "all" if options.get("phase", "inference") == "train" else DEFAULT.lm_head
+    return Variants(**{"attention": DEFAULT.attention, "lm_head": lm_head, **options}, rope="once")
 
 
 def build(g: CostGraph, cfg: LMConfig = LM, v: Variants = DEFAULT, *, image: Tensor | None, slots: sp.Expr,

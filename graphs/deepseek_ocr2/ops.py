@@ -1,15 +1,23 @@
 """Op formulas only DeepSeek-OCR 2 runs, registered in the engine's one op registry (`costgraph.ops.register`;
 a kind registered twice raises). Written from the aten ops `transformers`' implementation runs
 (`python -m costgraph.verify.deepseek_ocr2 trace` prints them), under `costgraph.conventions`.
+
+Backward formulas (`costgraph.ops.register_backward`, beside the forward ones) for this model's kinds and
+for the kinds of `transformers`' eager experts loop (zeros_like, gather, routing-weight gather,
+index_add_): DeepSeek-OCR 2 is the one model whose training step runs that loop (DeepSeek-OCR's vendor
+trains through its own `moe_train` path), so their gradients are registered here, with the model.
+FLOPs are exact (none of these runs a matmul but the projector's); elementwise work and bytes follow the
+aten ops autograd dispatches.
 """
 from __future__ import annotations
 
 import sympy as sp
 
 from costgraph.cost import Cost
-from costgraph.dtypes import BOOL, INT64
+from costgraph import conventions as C
+from costgraph.dtypes import BOOL, FLOAT32, INT64
 from costgraph import params
-from costgraph.ops import OPS, ew, itemsize, nbytes, numel, prod, register
+from costgraph.ops import BACKWARD, OPS, Grad, ew, itemsize, nbytes, numel, prod, register, register_backward
 from . import symbols as S
 
 
@@ -96,3 +104,131 @@ def linear_bias_apart(x, *, in_features, out_features, bias: bool = True, weight
 
 
 params.register("linear_bias_apart")(params.linear)
+
+
+@register("projector_linear")
+def projector_linear(x, *, in_features, out_features, apart):
+    """`multi_modal_projector` over a batch of global views (B, queries, 896), the batch symbolic: one view
+    is a contiguous 2-D problem (`addmm`: reads the bias inside); more than one (`apart` = 1) hands
+    F.linear a non-contiguous slice: a copy of the input, the matmul without bias, the bias added in place
+    (one add per output element, reading the output and the bias, writing the output). FLOPs alike."""
+    out, mm = OPS["linear"](x, in_features=in_features, out_features=out_features, bias=False)
+    bias = out_features * itemsize(x)
+    tokens = prod(x[:-1])
+    n = tokens * out_features * itemsize(x)
+    together = _cost(read=bias)
+    separate = (_cost(read=nbytes(x), written=nbytes(x), out=nbytes(x))
+                + _cost(ew_flops=ew("add", tokens * out_features), read=n + bias, written=n))
+    return out, mm + together * (1 - apart) + separate * apart
+
+
+params.register("projector_linear")(params.linear)
+
+
+@register("shift_labels")
+def shift_labels(labels):
+    """`ForCausalLMLoss`'s labels: `pad(labels, (0, 1), value=-100)` (B, L + 1), then `[..., 1:].contiguous()`
+    (a copy of B x L): int64, no FLOPs."""
+    bsz, n = labels
+    return (bsz * n,), (_cost(read=INT64 * bsz * n, written=INT64 * bsz * (n + 1))
+                        + _cost(read=INT64 * bsz * n, written=INT64 * bsz * n, out=INT64 * bsz * n))
+
+
+# ---- backward formulas ------------------------------------------------------------------------------
+
+@register_backward("repeat_kv")
+def repeat_kv_backward(x, *, grads, weight_grad, groups):
+    """The reshape's gradient is a view; the expand's sums the `groups` copies of each kv head (a sum
+    reading the heads' gradient, writing the kv heads')."""
+    if not grads[0]:
+        return Grad(Cost())
+    n = numel(x) * groups
+    return Grad(_cost(ew_flops=ew("sum", n), read=n * itemsize(x), written=nbytes(x), out=nbytes(x)))
+
+
+@register_backward("linear_bias_apart")
+def linear_bias_apart_backward(x, *, grads, weight_grad, in_features, out_features, bias: bool = True,
+                               weight_itemsize=None):
+    """The matmul's two gradients and the in-place bias add's (the bias gradient: the output gradient
+    summed over the rows), as one Linear's."""
+    return BACKWARD["linear"](x, grads=grads, weight_grad=weight_grad, in_features=in_features,
+                              out_features=out_features, bias=bias, weight_itemsize=weight_itemsize)
+
+
+@register_backward("projector_linear")
+def projector_linear_backward(x, *, grads, weight_grad, in_features, out_features, apart):
+    """addmm's gradients and the bias's (the same kernels on either path; the copy's gradient is a view)."""
+    return BACKWARD["linear"](x, grads=grads, weight_grad=weight_grad, in_features=in_features,
+                              out_features=out_features, bias=True)
+
+
+@register_backward("placeholder_scatter")
+def placeholder_scatter_backward(x, source, *, grads, weight_grad):
+    """The out-of-place masked_scatter's gradients are the in-place one's: the embeddings' gradient with
+    the image slots zeroed, the features' the gradient's image slots (the count check has none)."""
+    return BACKWARD["masked_scatter_"](x, source, grads=grads, weight_grad=weight_grad)
+
+
+@register_backward("zeros_init", index_inputs=(0,))
+def zeros_init_backward(x, *, grads, weight_grad):
+    """zeros_like reads its input for the shape only: no gradient."""
+    return Grad(Cost())
+
+
+def _put_back(rows, width, full_rows, hits, b) -> Cost:
+    """An index's backward summed over the `hits` expert runs: each run's `new_zeros` of the source's
+    shape (`full_rows` x width) and an `index_put_` with accumulate of its gathered rows' gradient (one
+    add per element; reads the index, the rows' gradient and the zeros), then autograd adds the runs'
+    gradients of the one source (hits - 1 adds of its size)."""
+    full = full_rows * width * b
+    return (_cost(written=hits * full)
+            + _cost(ew_flops=ew("index_put_acc", rows * width), read=rows * INT64 + rows * width * b + hits * full,
+                    written=hits * full)
+            + _cost(ew_flops=(hits - 1) * ew("add", full_rows * width), read=2 * (hits - 1) * full,
+                    written=(hits - 1) * full, out=full))
+
+
+# The eager loop's two gathers, as a training step runs them: the forward's formulas, but the node's
+# expert runs (`launches`) named, so the backward (given the forward's attrs) knows how many
+# zero-filled gradients it writes and adds.
+@register("expert_gather_each")
+def expert_gather_each(x, where, *, rows, width, launches):
+    """`costgraph.ops.expert_gather`, one per expert run (`launches`)."""
+    return OPS["expert_gather"](x, where, rows=rows, width=width)
+
+
+@register("routed_gather_each")
+def routed_gather_each(weights, where, *, rows, launches):
+    """`costgraph.ops.routed_gather`, one per expert run (`launches`)."""
+    return OPS["routed_gather"](weights, where, rows=rows)
+
+
+@register_backward("expert_gather_each", index_inputs=(1,))
+def expert_gather_each_backward(x, where, *, grads, weight_grad, rows, width, launches):
+    """hidden_states[token_idx] per expert run: zeros of the tokens' shape, the rows' gradient put back at
+    their tokens, the runs' gradients added."""
+    if not grads[0]:
+        return Grad(Cost())
+    return Grad(_put_back(rows, width, x[0], launches, itemsize(x)), [1])
+
+
+@register_backward("routed_gather_each", index_inputs=(1,))
+def routed_gather_each_backward(weights, where, *, grads, weight_grad, rows, launches):
+    """top_k_weights[token_idx, top_k_pos] per expert run: zeros of (tokens, k), the rows' weight
+    gradients put back, the runs' gradients added."""
+    if not grads[0]:
+        return Grad(Cost())
+    tokens, k = prod(weights[:-1]), weights[-1]
+    return Grad(_put_back(rows, 1, tokens * k, launches, itemsize(weights)), [1])
+
+
+@register_backward("index_add_", index_inputs=(2,))
+def index_add_backward(acc, rows, where, *, grads, weight_grad, hits):
+    """final.index_add_(0, token_idx, rows) per expert hit: final's gradient passes through; the rows'
+    is the gradient's rows at their tokens (`index_select`, a gather: reads the index and the rows it
+    takes, writes them)."""
+    if not (len(grads) > 1 and grads[1]):
+        return Grad(Cost())
+    r, b = rows[0], itemsize(rows)
+    n = numel(rows) * b
+    return Grad(_cost(read=C.gather_bytes_read(r * INT64, numel(rows), b), written=n, out=n), [2])

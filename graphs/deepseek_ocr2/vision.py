@@ -14,12 +14,15 @@ RMSNorm; only the query outputs are kept (a view).
 
 Projector Linear(896, 1280): one view (the global one) is a contiguous 2-D problem (`addmm`); a batch of
 crops hands `F.linear` a non-contiguous 3-D slice, which torch runs as a copy, a matmul without bias
-and an in-place bias add.
+and an in-place bias add; a training micro-batch's B global views are either (`projector_linear`).
 """
 from __future__ import annotations
 
 
+import sympy as sp
+
 from costgraph.graph import ScopeBuilder, Tensor
+from costgraph.ops import more_than_one
 from costgraph.graphs.deepseek_ocr import decoder as lm_blocks, vision as sam_builder
 from . import ops  # noqa: F401  (registers this model's op kinds)
 from . import symbols as S
@@ -40,6 +43,9 @@ def view(b: ScopeBuilder, side: int, cfg: VisionConfig = VISION, batch=1, min_ba
         bias = b.input("projector.bias", (cfg.projector_out,))   # the Linear's own bias (counted there)
         x = b.op("projector.bias_add", "add", x, bias)
         return b.op("projector.unflatten", "reshape", x, shape=(bsz, q, cfg.projector_out))
+    if sp.sympify(batch) != 1:   # a symbolic batch of global views: one view is addmm, more are not
+        return b.op("projector", "projector_linear", x, in_features=cfg.encoder.width, out_features=cfg.projector_out,
+                    apart=more_than_one(batch))
     return b.op("projector", "linear", x, in_features=cfg.encoder.width, out_features=cfg.projector_out)
 
 
