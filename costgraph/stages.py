@@ -436,8 +436,9 @@ def metric_expr(model, mode, scope: str, metric: str, variants) -> sp.Expr:
             stages_ = ", ".join(model.stages(mode, variants))
             raise ValueError(f"peak_memory_bytes is a whole step's memory: choose the scope of a step ({stages_}), "
                              f"not {scope!r}")
-        static = sp.Add(*autodiff.static_memory(g).values())
-        return sub(sp.expand(static) + peak_formula(model, mode, scope, variants))
+        static = sp.expand(sp.Add(*autodiff.static_memory(g).values()))
+        # the static part added to each candidate: a peak of several candidates stays a Max of polynomials
+        return sub(over_max(peak_formula(model, mode, scope, variants), lambda e: static + e))
     if metric == "kv_cache_bytes":
         lm = model.lm_scope
         if not model.generates or not (scope.startswith(lm) or scope in model.composites):

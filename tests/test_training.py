@@ -73,14 +73,22 @@ def test_sdpa_backward_is_torch_fused_formula(b, h, lq, lk, e, ev):
 
 
 def test_every_forward_kind_has_a_backward_rule_or_none():
-    """Every op kind DeepSeek-OCR runs has a backward rule (or none needed), but its inference-only
-    ones (the KV cache, the inference experts loop)."""
+    """Every op kind DeepSeek-OCR and DeepSeek-OCR 2 run has a backward rule (or none needed), but the
+    inference-only ones (the KV cache; the experts loop's gathers, whose training kinds name their runs);
+    every kind of a training step has one."""
     from costgraph.graphs.deepseek_ocr import assembly
-    used = {d["kind"] for g in (assembly.model_graph(True), assembly.model_graph(False),
-                                training.train_graph(True, Variants(phase="train", train="full"))[0])
-            for _, d in g.g.nodes(data=True) if "." not in d["kind"] and d["kind"] != "optimizer_step"}
-    inference_only = {"cache_update", "expert_gather", "index_add_", "routed_gather", "zeros_init"}
+    from costgraph.graphs.deepseek_ocr2 import assembly as assembly2, training as training2, decoder as decoder2
+
+    def kinds(*graphs):
+        return {d["kind"] for g in graphs for _, d in g.g.nodes(data=True)
+                if "." not in d["kind"] and d["kind"] != "optimizer_step"}
+
+    steps = [training.train_graph(True, Variants(phase="train", train="full"))[0],
+             training2.train_graph(decoder2.variants(phase="train", train="full"))[0]]
+    used = kinds(assembly.model_graph(True), assembly.model_graph(False), assembly2.model_graph(), *steps)
+    inference_only = {"cache_update", "expert_gather", "routed_gather"}
     assert used - set(ops.BACKWARD) - set(ops.NO_GRADIENT) == inference_only
+    assert not kinds(*steps) & inference_only
     with pytest.raises(ValueError, match="already"):
         ops.register_backward("linear")(lambda *a, **k: None)
 

@@ -400,6 +400,12 @@ def _released(step: int, sizes) -> str:
     return ", ".join(ok) if ok else "none of the released crop modes (use --mode for their exact polynomial)"
 
 
+BATCH_RULE = forms.IndicatorRule(
+    more_than_one(S.batch),
+    forms.Assumption("batched", "batch >= 2: several sequences' (or views') tensors are materialised where one's "
+                                "is a view; batch = 1 is given separately", r"B \geq 2"),
+    "one sequence, batch = 1", ((S.batch, 1),))
+
 FORM_RULES = (
     forms.IndicatorRule(
         L.crops_run(),
@@ -413,12 +419,7 @@ FORM_RULES = (
                                     "a view); the w_crop = 1 case is given separately",
                          r"w_{\mathrm{crop}} \geq 2"),
         "single column w_crop = 1", ((assembly.stitch_copies(), 0), (S.w_crop, 1))),
-    forms.IndicatorRule(
-        more_than_one(S.batch),
-        forms.Assumption("batched", "batch >= 2: several sequences' attention heads are materialised before the "
-                                    "score products (one sequence's are a view); batch = 1 is given separately",
-                         r"B \geq 2"),
-        "one sequence, batch = 1", ((S.batch, 1),)),
+    BATCH_RULE,
     forms.BoundRule("experts", "every MoE layer's experts loop runs all {values} experts: min(experts, k*L) = "
                                "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR prompt: "
                                "k*L >= 6*74 > 64)", r"\min(E, kL) = E"),
@@ -456,7 +457,7 @@ METRIC_NOTES = {
     "peak_memory_bytes": "a training step's peak memory: weights, gradients and optimizer state of what trains, "
                          "fp32 master copies (mixed precision), plus the step's activation peak (saved tensors live "
                          "until their gradient op); the peak's candidates are those that win somewhere on the sampled "
-                         "domain (every grid to 9 crops, 0..7,000 text tokens, batch 1..32).",
+                         "domain (every grid the layout rule makes, 0..7,000 text tokens, batch 1..32).",
     "kv_cache_bytes": "KV cache bytes: K and V of every layer for every cached token (prefill: the prompt; decode: "
                       "the final context prompt + output_tokens - 1).",
 }

@@ -232,3 +232,10 @@ def index_add_backward(acc, rows, where, *, grads, weight_grad, hits):
     r, b = rows[0], itemsize(rows)
     n = numel(rows) * b
     return Grad(_cost(read=C.gather_bytes_read(r * INT64, numel(rows), b), written=n, out=n), [2])
+
+
+@register_backward("arange_ids", "block_causal_mask", "mask_to_float", "shift_labels")
+def no_gradient(*inputs, grads, weight_grad, **attrs):
+    """Positions, masks (a boolean mask made additive: a constant of the mask) and labels: nothing upstream
+    needs their gradient (integer or boolean sources)."""
+    return Grad(Cost())
