@@ -137,17 +137,17 @@ def forward(b: ScopeBuilder, cfg: LMConfig, v: Variants, *, tokens, batch, image
 
 
 def trains(v: Variants):
-    """The `trains(node)` predicate of a setting (see the module docstring)."""
+    """The `trains(node)` predicate of a setting (see the module docstring); the setting that freezes SAM
+    alone (here `lm+clip+projector`; a model built on these blocks names its own) trains the rest."""
     def lm(node):
         return node.startswith("decoder.")
 
     rules = {
         "lm": lm,
         "full": lambda node: True,
-        "lm+clip+projector": lambda node: lm(node) or (node.startswith("vision.") and ".sam." not in node),
         "lora": lambda node: node.endswith((".lora_A", ".lora_B")),
     }
-    return rules[v.train]
+    return rules.get(v.train, lambda node: lm(node) or (node.startswith("vision.") and ".sam." not in node))
 
 
 def layer_segment(node: str) -> str | None:

@@ -86,20 +86,6 @@ def moe_eager(linear):
     return block
 
 
-def trains(v: Variants):
-    """The `trains(node)` predicate of a setting (see the module docstring)."""
-    def lm(node):
-        return node.startswith("decoder.")
-
-    rules = {
-        "lm": lm,
-        "full": lambda node: True,
-        "lm+encoder+projector": lambda node: lm(node) or (node.startswith("vision.") and ".sam." not in node),
-        "lora": lambda node: node.endswith((".lora_A", ".lora_B")),
-    }
-    return rules[v.train]
-
-
 @lru_cache(maxsize=None)
 def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION):
     """The training step's graph (symbolic in the grid, text_tokens, batch and dtype) and what trained."""
@@ -115,7 +101,7 @@ def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION):
                          moe_block=moe_eager, scatter="placeholder_scatter")
     labels = d.input("labels", (S.batch, tokens), itemsize=INT64)
     d.op("loss.shift_labels", "shift_labels", labels)
-    return g, steps.add_step(g, loss.node, variants, trains(variants))
+    return g, steps.add_step(g, loss.node, variants, steps.trains(variants))
 
 
 @lru_cache(maxsize=None)
