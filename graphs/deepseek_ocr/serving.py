@@ -161,9 +161,11 @@ def prompt_tokens(mode: Mode, p: Page) -> int:
     return SERVED.prompt_tokens(mode, p)
 
 
-def StepModel(mode: Mode, eng: Engine, hw, dtype: str = "bf16", eff=None) -> _StepModel:
+class StepModel(_StepModel):
     """Predicted seconds of serving steps on one preset: vision per page, batched prefill, batched decode."""
-    return _StepModel(SERVED, mode, eng, hw, dtype, eff)
+
+    def __init__(self, mode: Mode, eng: Engine, hw, dtype: str = "bf16", eff=None):
+        super().__init__(SERVED, mode, eng, hw, dtype, eff)
 
 
 def weight_bytes(mode: Mode, dtype: str = "bf16") -> int:
