@@ -437,12 +437,17 @@ def _lm_module(module: str) -> str:
 
 
 def run_page(model, lay, pixels, local, *, text_tokens: int, decode_steps: int, lm_head: str, metrics: bool,
-             seed: int = 0, lm: LMConfig = LM):
+             seed: int = 0, lm: LMConfig = LM, batch: int = 1):
     """Prefill (vision + LM, one forward of the real model) and `decode_steps` greedy forwards with a cache.
-    Returns (counter records of the vision sections, vision aten ops, the LM run in lm_profile's terms)."""
+    `batch`: B copies of the page run together (B prompts of different text, one batched forward per step,
+    as serving batches them). Returns (counter records of the vision sections, vision aten ops, the LM run
+    in lm_profile's terms)."""
     from transformers import DynamicCache
 
-    ids = prompt_ids(lay, text_tokens, seed, lm)
+    ids = torch.cat([prompt_ids(lay, text_tokens, seed + i, lm) for i in range(batch)])
+    if batch != 1:
+        pixels = pixels.expand(batch, *pixels.shape[1:]).contiguous()
+        local = None if local is None else local.repeat(batch, 1, 1, 1)
     dtype = model.lm_head.weight.dtype
     log = CallLog()
     rec = MetricRecorder() if metrics else None
@@ -461,14 +466,15 @@ def run_page(model, lay, pixels, local, *, text_tokens: int, decode_steps: int, 
             if step == 0:
                 out = model(input_ids=ids, pixel_values=pixels, cache=cache, use_cache=True,
                             pixel_values_local=local,
-                            num_local_patches=[lay.num_crops] if local is not None else None, logits_to_keep=keep)
+                            num_local_patches=[lay.num_crops] * batch if local is not None else None,
+                            logits_to_keep=keep)
             else:
                 out = model(input_ids=nxt, cache=cache, use_cache=True, logits_to_keep=keep)
             labels.set(lm_section(step))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             labels.set("")   # the loop's own bookkeeping (reading the token) is no part of a forward
             run.seconds[lm_section(step)] = round(time.perf_counter() - t, 3)
-            run.tokens.append(int(nxt))
+            run.tokens.append(int(nxt) if batch == 1 else nxt.flatten().tolist())
             run.kv_cache_bytes[step] = _cache_bytes(cache)
     lm_sections = {lm_section(s) for s in range(decode_steps + 1)}
     run.calls = [type(c)(c.section, _lm_module(c.module), c.call, c.op, c.flops)
@@ -524,6 +530,26 @@ def verify_page(model, lay, pixels, local, *, text_tokens: int = 10, decode_step
             "forward_seconds": run.seconds, "seconds": round(time.perf_counter() - t, 3)}
     return Comparison(f"deepseek-ocr-2 {lay.width}x{lay.height} ({grid}) e2e", v_rows + l_rows,
                       e2e + v_sub + l_sub, v_un + l_un, run.blind, info)
+
+
+def verify_lm_batch(model, lay, pixels, local, *, batch: int, text_tokens: int = 5, decode_steps: int = 2,
+                    lm_head: str = "last", lm: LMConfig = LM) -> Comparison:
+    """B copies of a page through the real model together (serving's batch): the language model's prefill and
+    decode forwards, every metric group by group and the KV cache, against the batched language-model graph
+    (`assembly.lm_graph(..., batch=B)`, the graph serving runs) at the experts each router ran."""
+    dtype = model.lm_head.weight.dtype
+    variants = decoder.variants(lm_head=lm_head)
+    _, _, run = run_page(model, lay, pixels, local, text_tokens=text_tokens, decode_steps=decode_steps,
+                         lm_head=lm_head, metrics=True, lm=lm, batch=batch)
+    graph = assembly.lm_graph(variants, lm, S.experts_hit, batch)
+    names = ("flops",) + OP_METRICS + ("kv_cache_bytes",)
+    rows, subtotals, unclaimed = compare_lm(graph, _values(lay, _DTYPE_BYTES[dtype], text_tokens), run,
+                                            (PREFILL, DECODE), names, lm, batch)
+    grid = f"{lay.w_crop}x{lay.h_crop}" if lay.tiled else "no crops"
+    info = {"batch": batch, "prompt_tokens": run.prompt_tokens, "decode_steps": decode_steps,
+            "variants": variants.as_dict(), "experts_hit": {str(k): v for k, v in run.experts_hit.items()}}
+    return Comparison(f"deepseek-ocr-2 language model, batch {batch} ({grid})", rows, subtotals, unclaimed,
+                      run.blind, info)
 
 
 def compare_params(model=None) -> Comparison:

@@ -5,6 +5,8 @@ generation (vision + prefill + decode, the engine's variants), and predicted sec
 preset (time model: vision, prefill, every decode step). Totals: the batch-1 time, and the time and
 pages/day when the dataset is served on that preset (`costgraph serve`'s simulation over its pages).
 A bad page file is reported and skipped; the rest go on. Output: a table, `--out FILE.csv|.json`, `--plot`.
+`--model`: DeepSeek-OCR (the default) or DeepSeek-OCR 2 (any model whose `serving()` gives a serving record);
+outputs name the model when it is not the default one.
 """
 from __future__ import annotations
 
@@ -17,22 +19,20 @@ from costgraph import symbols as ES
 from costgraph.evaluate import Compiled
 from costgraph.io import write_atomic
 from costgraph.render import table
-from costgraph.graphs.deepseek_ocr import assembly
-from costgraph.graphs.deepseek_ocr import serving as SV
-from costgraph.graphs.deepseek_ocr import symbols as S
-from costgraph.graphs.deepseek_ocr.config import MODES
-from .page_inputs import csv_sizes, output_tokens_of, page_input_args, page_sizes, pyplot, save_figure
+from costgraph.graphs.serving import ServeConfig, StepModel
+from .page_inputs import (csv_sizes, named, output_tokens_of, page_input_args, page_sizes, pyplot, save_figure,
+                          served_of)
 from .text import UserError
 
 SERVE_LIMIT = 5000   # pages the serving simulation takes (a sample of a larger dataset, every n-th page)
 
 
-def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.ndarray) -> list[dict]:
+def page_costs(sv, mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.ndarray) -> list[dict]:
     """Per page: layout, tokens, FLOPs (compiled once, vectorised) and batch-1 seconds (per layout)."""
     good, pages = [], []
     for r, n in zip(recs, outputs):
         try:
-            p = SV.page(mode, r["width"], r["height"], eng, text_tokens, int(r.get("output_tokens", n)))
+            p = sv.page(mode, r["width"], r["height"], eng, text_tokens, int(r.get("output_tokens", n)))
         except ValueError as e:
             print(f"costgraph: error: {r['file']}: {e}", file=sys.stderr)
             continue
@@ -40,19 +40,18 @@ def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.nd
         pages.append(p)
     if not pages:
         raise UserError("no page can be costed")
-    flops = Compiled({"f": assembly.formula(mode, assembly.E2E, "flops", eng.variants)},
-                     fixed=assembly.dtype_values("bf16"))
-    arr = {S.w_crop.name: np.array([p.layout.w_crop for p in pages]),
-           S.h_crop.name: np.array([p.layout.h_crop for p in pages]),
-           ES.text_tokens.name: np.array([p.text_tokens for p in pages]),
-           ES.output_tokens.name: np.array([p.output_tokens for p in pages])}
+    flops = Compiled({"f": sv.e2e_formula(mode, "flops", eng.variants)}, fixed=sv.dtype_values("bf16"))
+    lv = [sv.layout_values(p.layout) for p in pages]
+    arr = {s.name: np.array([v[s] for v in lv]) for s in lv[0]}
+    arr.update({ES.text_tokens.name: np.array([p.text_tokens for p in pages]),
+                ES.output_tokens.name: np.array([p.output_tokens for p in pages])})
     f = flops(**{a.name: arr[a.name] for a in flops.args})["f"]
-    sm = SV.StepModel(mode, eng, hw)
+    sm = StepModel(sv, mode, eng, hw)
     seconds: dict = {}
     for p in pages:
         k = (p.key, p.output_tokens)
         if k not in seconds:
-            L = SV.prompt_tokens(mode, p)
+            L = sv.prompt_tokens(mode, p)
             steps = np.arange(1, p.output_tokens)
             dec = float(sm.decode(p, 1, L + steps).sum()) if len(steps) else 0.0
             seconds[k] = (sm.vision(p), float(sm.prefill(p, 1)[()]), dec)
@@ -62,7 +61,7 @@ def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.nd
         lay = p.layout
         out.append({"file": r["file"], "width": r["width"], "height": r["height"],
                     "grid": f"{lay.w_crop}x{lay.h_crop}" if lay.tiled else "none",
-                    "image_tokens": SV.tokens_for(lay, mode)["total"], "prompt_tokens": SV.prompt_tokens(mode, p),
+                    "image_tokens": sv.image_tokens(lay, mode), "prompt_tokens": sv.prompt_tokens(mode, p),
                     "output_tokens": p.output_tokens, "flops": int(fl), "vision_s": v, "prefill_s": pre,
                     "decode_s": dec, "batch1_s": v + pre + dec, "_page": p})
     return out
@@ -71,10 +70,7 @@ def page_costs(mode, eng, hw, recs: list[dict], text_tokens: int, outputs: np.nd
 def cmd_dataset(args) -> int:
     from costgraph.hardware import get_hardware
 
-    mode = MODES.get(args.mode)
-    if mode is None:
-        raise UserError(f"unknown mode {args.mode!r} (choose from {', '.join(MODES)})")
-    eng = SV.engine(args.engine)
+    model, sv, mode, eng, text_tokens = served_of(args)
     hw = get_hardware(args.hardware, "bf16")
     if args.csv:   # keeps a CSV's own output lengths
         recs = csv_sizes(args.csv)
@@ -82,11 +78,11 @@ def cmd_dataset(args) -> int:
         sizes, names = page_sizes(args)
         recs = [{"file": n, "width": w, "height": h} for (w, h), n in zip(sizes, names)]
     outs = output_tokens_of(args.output_tokens, len(recs))
-    rows = page_costs(mode, eng, hw, recs, args.text_tokens, outs)
+    rows = page_costs(sv, mode, eng, hw, recs, text_tokens, outs)
     pages = [r.pop("_page") for r in rows]
     step = max(1, -(-len(pages) // SERVE_LIMIT))
     sample = pages[::step]
-    served = SV.serve(mode, sample, eng, hw, SV.ServeConfig())
+    served = sv.serve(mode, sample, eng, hw, ServeConfig())
     served.pop("timeline")
     total = {"pages": len(rows), "flops": int(sum(r["flops"] for r in rows)),
              "image_tokens": int(sum(r["image_tokens"] for r in rows)),
@@ -95,7 +91,7 @@ def cmd_dataset(args) -> int:
              "served_pages_per_day": served["pages_per_day"],
              "served_seconds": len(rows) / served["pages_per_second"],
              "served_sample": f"{len(sample)} of {len(rows)} pages" if step > 1 else "every page"}
-    rec = {"engine": eng.as_dict(), "hardware": hw.name, "mode": mode.name, "pages": rows, "total": total}
+    rec = {**({"model": model.name} if named(model) else {}), "engine": eng.as_dict(), "hardware": hw.name, "mode": mode.name, "pages": rows, "total": total}
     if args.out:
         write_out(rec, args.out)
     if args.plot:
@@ -104,7 +100,7 @@ def cmd_dataset(args) -> int:
         print(json.dumps(rec, indent=1))
         return 0
     show = rows if len(rows) <= args.show else rows[:args.show]
-    print(f"engine {eng.name}; hardware {hw.name}; mode {mode.name}; {len(rows)} pages")
+    print((f"model {model.name}; " if named(model) else "") + f"engine {eng.name}; hardware {hw.name}; mode {mode.name}; {len(rows)} pages")
     print(table([[r["file"], f"{r['width']}x{r['height']}", r["grid"], str(r["image_tokens"]), str(r["output_tokens"]),
                   f"{r['flops'] / 1e12:,.2f}", f"{r['batch1_s']:,.2f}"] for r in show],
                 ["page", "size", "grid", "image tokens", "output tokens", "TFLOPs", "batch-1 s"]))

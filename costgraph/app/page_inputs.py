@@ -9,9 +9,8 @@ import sys
 import numpy as np
 
 from costgraph.io import write_atomic
-from costgraph.graphs.deepseek_ocr import serving as SV
-from costgraph.graphs.deepseek_ocr.config import DEFAULT_TEXT_TOKENS
 from costgraph.graphs.pages import page_size
+from .models import DEFAULT_MODEL, MODELS, get_model
 from .text import UserError, parse_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
@@ -92,11 +91,48 @@ def page_input_args(q, sizes_default=None) -> None:
     g.add_argument("--size", default=sizes_default, metavar="WxH[,WxH...]", help="page sizes (cycled)")
     g.add_argument("--folder", metavar="DIR", help="every page image in a folder")
     g.add_argument("--csv", metavar="FILE", help="a CSV of page sizes: width,height[,output_tokens]")
-    q.add_argument("--mode", default="gundam", help="a mode (default: gundam)")
-    q.add_argument("--engine", default="vllm", choices=list(SV.ENGINES), help="hf or vllm (default: vllm)")
+    q.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a model with a serving model: {', '.join(served_models())} (default: %(default)s)")
+    q.add_argument("--mode", default=None, help="a mode of the model (default: the model's: DeepSeek-OCR gundam, "
+                                               "DeepSeek-OCR 2 default)")
+    q.add_argument("--engine", default="vllm", choices=engine_names(), help="hf or vllm (default: vllm)")
     q.add_argument("--output-tokens", default="1000", help="N, or A:B uniform (default: 1000)")
-    q.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="prompt text tokens")
+    q.add_argument("--text-tokens", type=int, default=None, help="prompt text tokens (default: the model's, 10)")
     q.add_argument("--json", action="store_true", help="JSON on stdout")
+
+
+def served_models() -> list[str]:
+    return [n for n, m in MODELS.items() if getattr(m, "serving", None) is not None]
+
+
+def engine_names() -> list[str]:
+    """Every engine some served model has, in order."""
+    names = {}
+    for m in MODELS.values():
+        served = getattr(m, "serving", None)
+        if served is not None:
+            names.update(dict.fromkeys(served().engines))
+    return list(names)
+
+
+def named(model) -> bool:
+    """Outputs name the model when it is not the default one (DeepSeek-OCR's outputs are as they were)."""
+    return model.name != DEFAULT_MODEL
+
+
+def served_of(args):
+    """(model, its serving record, mode, engine, text tokens) of `serve` / `dataset`; a model without a
+    serving model is refused (one line)."""
+    model = get_model(args.model)
+    hook = getattr(model, "serving", None)
+    if hook is None:
+        raise UserError(f"{model.name} has no serving model (serve and dataset take: {', '.join(served_models())})")
+    sv = hook()
+    name = sv.default_mode if args.mode is None else args.mode
+    if name not in sv.modes:
+        raise UserError(f"unknown mode {name!r} (choose from {', '.join(sv.modes)})")
+    text = args.text_tokens if args.text_tokens is not None else model.default_sequence()["text_tokens"]
+    return model, sv, sv.modes[name], sv.engine(args.engine), text
 
 
 def pyplot():

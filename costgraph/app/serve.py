@@ -1,11 +1,17 @@
-"""`costgraph serve`: throughput of DeepSeek-OCR under continuous batching (vLLM) or static batches (HF);
-`costgraph calibrate`: microbenchmark this CPU into the `cpu` preset of the time model.
+"""`costgraph serve`: throughput of a model (`--model`: DeepSeek-OCR, the default, or DeepSeek-OCR 2) under
+continuous batching (vLLM) or static batches (HF); `costgraph calibrate`: microbenchmark this CPU into the
+`cpu` preset of the time model.
 
     costgraph serve --mode gundam --size 1654x2339 --output-tokens 1000 --hardware a100-40gb --engine vllm [--json]
+    costgraph serve --model deepseek-ocr-2 --size 1654x2339 --output-tokens 1000 --hardware a100-40gb
+
+The model's `serving()` gives its serving record (`costgraph.graphs.serving.Served`); the simulation is
+model-generic. Outputs name the model when it is not the default one.
 
 Pages: `--size WxH[,WxH...]` (cycled over `--pages` pages), `--folder DIR` (every page image in it),
 or `--csv FILE` (columns width,height and optionally output_tokens). `--output-tokens N` or `A:B` (uniform,
-seeded). The paper's claim is printed beside the prediction for the same setting.
+seeded). A model's published claim (DeepSeek-OCR's paper) is printed beside the prediction for the same
+setting; a model without one (DeepSeek-OCR 2) gets none.
 """
 from __future__ import annotations
 
@@ -16,41 +22,39 @@ import numpy as np
 
 from costgraph.hardware import GPU_DEFAULT
 from costgraph.render import table
-from costgraph.graphs.deepseek_ocr import serving as SV
-from costgraph.graphs.deepseek_ocr.config import MODES
-from .page_inputs import output_tokens_of, page_input_args, page_sizes, pyplot, save_figure
+from costgraph.graphs.serving import Page, ServeConfig
+from .page_inputs import named, output_tokens_of, page_input_args, page_sizes, pyplot, save_figure, served_of
 from .text import UserError
 
 DEFAULT_PAGES = 400
 TIMELINE_POINTS = 200   # steps of the memory timeline kept in the JSON
 
 
-def pages_of(args, mode, eng) -> list[SV.Page]:
+def pages_of(args, sv, mode, eng, text_tokens) -> list[Page]:
     sizes, _ = page_sizes(args)
     n = args.pages if args.size else len(sizes)
     if n < 1:
         raise UserError("no pages to serve")
     outs = output_tokens_of(args.output_tokens, n)
-    return [SV.page(mode, *sizes[i % len(sizes)], eng, args.text_tokens, int(outs[i])) for i in range(n)]
+    return [sv.page(mode, *sizes[i % len(sizes)], eng, text_tokens, int(outs[i])) for i in range(n)]
 
 
 def cmd_serve(args) -> int:
     from costgraph.hardware import get_hardware
     from tqdm import tqdm
 
-    mode = MODES.get(args.mode) or _bad_mode(args.mode)
-    eng = SV.engine(args.engine)
+    model, sv, mode, eng, text_tokens = served_of(args)
     hw = get_hardware(args.hardware, "bf16")
-    pages = pages_of(args, mode, eng)
-    cfg = SV.ServeConfig(args.max_num_seqs, args.gpu_memory_utilization, args.max_model_len, args.block_size,
+    pages = pages_of(args, sv, mode, eng, text_tokens)
+    cfg = ServeConfig(args.max_num_seqs, args.gpu_memory_utilization, args.max_model_len, args.block_size,
                          args.max_num_batched_tokens, args.rate)
     with tqdm(total=len(pages), desc="pages served", disable=args.json or not sys.stderr.isatty(),
               file=sys.stderr) as bar:
-        out = SV.serve(mode, pages, eng, hw, cfg, progress=bar)
+        out = sv.serve(mode, pages, eng, hw, cfg, progress=bar)
     timeline = out.pop("timeline")
-    rec = {"engine": eng.as_dict(), "hardware": hw.name, "mode": mode.name,
-           "efficiency": (hw.efficiency or GPU_DEFAULT).as_dict(), **out, "paper": SV.PAPER,
-           "compared_with_paper": compare_with_paper(out)}
+    rec = {**({"model": model.name} if named(model) else {}), "engine": eng.as_dict(), "hardware": hw.name,
+           "mode": mode.name, "efficiency": (hw.efficiency or GPU_DEFAULT).as_dict(), **out, "paper": sv.published,
+           "compared_with_paper": compare_with_paper(out, sv.published)}
     if args.plot:
         write_plot(timeline, rec, args.plot)
     every = max(1, len(timeline["time"]) // TIMELINE_POINTS)   # the memory timeline, every n-th step
@@ -58,17 +62,16 @@ def cmd_serve(args) -> int:
     if args.json:
         print(json.dumps(rec, indent=1, default=str))
         return 0
-    print("\n".join(lines(rec, pages)))
+    print("\n".join(lines(rec, pages, sv)))
     return 0
 
 
-def _bad_mode(name):
-    raise UserError(f"unknown mode {name!r} (choose from {', '.join(MODES)})")
-
-
-def compare_with_paper(out: dict) -> dict:
-    return {"pages_per_day_ratio": out["pages_per_day"] / SV.PAPER["pages_per_day"],
-            "tokens_per_second_ratio": out["output_tokens_per_second"] / SV.PAPER["output_tokens_per_second"]}
+def compare_with_paper(out: dict, paper: dict | None) -> dict | None:
+    """Predicted over claimed; None for a model with no published claim."""
+    if paper is None:
+        return None
+    return {"pages_per_day_ratio": out["pages_per_day"] / paper["pages_per_day"],
+            "tokens_per_second_ratio": out["output_tokens_per_second"] / paper["output_tokens_per_second"]}
 
 
 WHY = ("The prediction is the GPU work alone, at the time model's documented default efficiencies (no GPU here "
@@ -76,12 +79,14 @@ WHY = ("The prediction is the GPU work alone, at the time model's documented def
        "detokenisation), image decoding, resizing and cropping on the CPU, PDF rendering, and kernels slower "
        "than the defaults (measured GPU kernel time has been 1.4-3x the roofline, decode worst). The claims "
        "also come from real documents (varied layouts, output lengths and concurrency), not one page size.")
+WHY_ALONE = WHY.rsplit(" The claims", 1)[0]   # the same caveats, without a claim to compare
 
 
-def lines(rec: dict, pages) -> list[str]:
+def lines(rec: dict, pages, sv) -> list[str]:
     m = rec["memory"]
     pct = lambda d: " / ".join(f"{1e3 * d[k]:,.1f}" for k in ("p50", "p90", "p99"))
-    out = [f"engine {rec['engine']['engine']} ({SV.ENGINES[rec['engine']['engine']].note}); hardware "
+    out = [(f"model {rec['model']}; " if "model" in rec else "") +
+           f"engine {rec['engine']['engine']} ({sv.engines[rec['engine']['engine']].note}); hardware "
            f"{rec['hardware']}; mode {rec['mode']}; {rec['pages']} pages, arrival {rec['limits']['arrival']}",
            f"memory: {m['gpu_bytes'] / 2**30:.0f} GiB x {m['utilization']} - weights {m['weight_bytes'] / 2**30:.2f} GiB"
            f" - activations {m['activation_bytes'] / 2**30:.2f} GiB -> {m['kv_blocks']:,} KV blocks of "
@@ -101,9 +106,12 @@ def lines(rec: dict, pages) -> list[str]:
     out += ["", f"one decode step of B sequences at context C ({rec['engine']['engine']}, closed form; weights once, "
                 f"a KV cache each):", f"  flops = {f['flops']}", f"  bytes_read = {f['bytes_read']}",
             f"  bytes_written = {f['bytes_written']}"]
-    c = rec["compared_with_paper"]
-    out += ["", f"paper: {SV.PAPER['pages_per_day']:,} pages/day, ~{SV.PAPER['output_tokens_per_second']:,} tokens/s "
-                f"({SV.PAPER['source']}); predicted/claimed: {c['pages_per_day_ratio']:.2f} (pages/day), "
+    c, paper = rec["compared_with_paper"], rec["paper"]
+    if paper is None:
+        return out + ["", f"no published throughput for {rec.get('model', 'this model')}: nothing to compare "
+                          "with", WHY_ALONE]
+    out += ["", f"paper: {paper['pages_per_day']:,} pages/day, ~{paper['output_tokens_per_second']:,} tokens/s "
+                f"({paper['source']}); predicted/claimed: {c['pages_per_day_ratio']:.2f} (pages/day), "
                 f"{c['tokens_per_second_ratio']:.2f} (tokens/s)", WHY]
     return out
 

@@ -107,6 +107,12 @@ class DeepSeekOCR(CropGridLM):
                ("LM + CLIP + projector (SAM frozen)", {"train": "lm+clip+projector"}),
                ("full", {"train": "full"}))
 
+    # ---- serving ------------------------------------------------------------------------------
+    def serving(self):
+        """What `costgraph serve` and `costgraph dataset` need of this model (`serving.SERVED`)."""
+        from .serving import SERVED
+        return SERVED
+
     # ---- modes and variants -----------------------------------------------------------------
     def variant_sets(self):
         """Every inference variant (attention x lm_head x rope), and a training step (the vendor HF path) for

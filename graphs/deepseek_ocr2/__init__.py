@@ -46,6 +46,12 @@ class DeepSeekOCR2(CropGridLM):
     default_table_rows = "default:1x1,default:2x1,default:2x2,default:2x3,default:3x2,default:6x1"
     published = {"parameters": RELEASED_PARAMETERS}
 
+    # ---- serving ------------------------------------------------------------------------------
+    def serving(self):
+        """What `costgraph serve` and `costgraph dataset` need of this model (`serving.SERVED`)."""
+        from .serving import SERVED
+        return SERVED
+
     # ---- modes and variants -----------------------------------------------------------------
     def variants(self, **options):
         return decoder.variants(**options)

@@ -72,6 +72,13 @@ def model_graph(variants: decoder.Variants = decoder.DEFAULT, cfg=LM, experts_hi
     return g
 
 
+@lru_cache(maxsize=None)
+def lm_graph(variants: decoder.Variants = decoder.DEFAULT, cfg=LM, experts_hit=None, batch=1) -> CostGraph:
+    """The language model alone with `batch` sequences of one page's prompt per step (serving's batches;
+    `costgraph.symbols.batch` keeps B symbolic): the image slots an input of B x slots rows."""
+    return decoder.decoder_graph(cfg, variants, slots=image_slots(), experts_hit=experts_hit, batch=batch)
+
+
 def scopes_for(mode=None, lm: bool = True) -> tuple[str, ...]:
     return SCOPES + (DECODER_SCOPES + (E2E,) if lm else ())
 

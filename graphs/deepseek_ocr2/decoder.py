@@ -55,8 +55,20 @@ def variants(**options) -> Variants:
 
 
 def build(g: CostGraph, cfg: LMConfig = LM, v: Variants = DEFAULT, *, image: Tensor | None, slots: sp.Expr,
-          experts_hit=None) -> None:
-    blocks.build(g, cfg, v, image=image, slots=slots, scatter="placeholder_scatter", experts_hit=experts_hit)
+          experts_hit=None, batch=1) -> None:
+    """`batch`: B sequences of the same prompt per step (`costgraph.symbols.batch` keeps it symbolic): the
+    weights read once per step, a KV cache each, B x slots image features merged in one scatter."""
+    blocks.build(g, cfg, v, image=image, slots=slots, scatter="placeholder_scatter", experts_hit=experts_hit,
+                 batch=batch)
+
+
+def decoder_graph(cfg: LMConfig = LM, variants: Variants = DEFAULT, *, slots: sp.Expr, experts_hit=None,
+                  batch=1) -> CostGraph:
+    """The language model alone, its image features an input of B x `slots` rows (`assembly.lm_graph` gives the
+    release's slots); B = 1 is the per-page model graph's `decoder` part exactly (tests/test_serving_ocr2.py)."""
+    g = CostGraph("deepseek-ocr-2.decoder", params={**variants.as_dict(), **({"batch": batch} if batch != 1 else {})})
+    build(g, cfg, variants, image=None, slots=slots, experts_hit=experts_hit, batch=batch)
+    return g
 
 
 def kv_cache_bytes_per_token(cfg: LMConfig = LM) -> sp.Expr:
