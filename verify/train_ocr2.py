@@ -94,7 +94,8 @@ def trainable_parameters(model) -> int:
 
 def _lm_module(module: str) -> str:
     """`lm_profile`'s module path (`model.X`, relative to its LanguageModel) as this model names it."""
-    return "model.language_model" + module[len("model"):] if module.startswith("model.") else module
+    return "model.language_model" + module[len("model"):] if module == "model" or module.startswith("model.") \
+        else module
 
 
 def lm_claims(path: str, lora: bool) -> tuple[Claim, ...]:
@@ -114,6 +115,29 @@ def _lm_claims_of(graph, node: str) -> tuple[Claim, ...]:
 
 def _vision_claims_of(graph, node: str) -> tuple[Claim, ...]:
     return tuple(Claim(re.escape(m), call) for m, call in V._rule(V.FLOP_RULES, graph.g.nodes[node]["path"]))
+
+
+def metric_module(path: str, lora: bool = False) -> str:
+    """The reference module a decoder node runs in (elementwise FLOPs and bytes, per module): `lm_profile`'s
+    inference rules with this model's paths; the image features' merge in `DeepseekOcr2Model` ("model"), the loss
+    in the root's forward (""), LoRA's parts as `train_metrics` places them."""
+    from .lm_profile import module_for
+    from .train_metrics import LORA_OWN, LORA_PARTS as PARTS
+
+    base, _, part = path.rpartition(".")
+    if part in PARTS:
+        return metric_module(base) + PARTS[part]
+    if part in LORA_OWN:
+        return metric_module(base)
+    if path.startswith("loss."):
+        return ""
+    if path == "packed_sequence_check":
+        return "model.language_model"
+    if path in ("image_features", "image_scatter"):
+        return "model"
+    if m := re.fullmatch(r"layers\.(\d+)\.mlp\.flatten", path):   # the MoE's view of its input (a gradient sum)
+        return f"model.language_model.layers.{m.group(1)}.post_attention_layernorm"
+    return _lm_module(module_for(path)) + (".base_layer" if lora else "")
 
 
 # ---- the request and the graph ----------------------------------------------------------------------------
@@ -247,25 +271,33 @@ def _outside(step: Step, scopes: tuple[str, ...]) -> list:
             for o in step.flops if o.flops and o.section not in scopes]
 
 
-def verify_decoder(req: TrainRequest, model=None) -> Comparison:
+def verify_decoder(req: TrainRequest, model=None, metrics: tuple[str, ...] = ("flops",)) -> Comparison:
     """The language model's forward, loss and backward on CPU: FLOPs node by node, per scope; trainable
-    parameters."""
+    parameters; with elementwise_flops / bytes_read / bytes_written in `metrics`, those per reference module
+    (`costgraph.verify.train_metrics`)."""
+    from .train_metrics import METRICS, compare_metrics
+
+    other = tuple(m for m in metrics if m in METRICS)
     graph, _ = train_graph(req)
     if model is None:
         model = V.build_reference("cpu", req.dtype, req.vision, req.lm, req.seed, parts=V.LANGUAGE_MODEL)
         apply_setting(model, req.variants)
-    step, info = run_lm(model, req)
+    step, info = run_lm(model, req, metrics=bool(other))
     vals = values(req)
     rows, unclaimed = compare_flops(graph, vals, step, LM_SCOPES, _lm_claims_of)
     rows.append(params_row(req, model))
-    info.update(variants=req.variants.as_dict(), device="cpu", dtype=str(req.dtype).replace("torch.", ""),
+    subtotals = scope_rows(graph, vals, step, LM_SCOPES)
+    if other:
+        lora_of = lambda node: f"{node}.lora_A" in graph.g or _forward_of(node) + ".lora_A" in graph.g
+        r, t, u = compare_metrics(graph, vals, step, LM_SCOPES, other, _value, lora_of, metric_module)
+        rows, subtotals, unclaimed = rows + r, subtotals + t, unclaimed + u
+    info.update(seconds=info["step_seconds"], variants=req.variants.as_dict(), device="cpu", dtype=str(req.dtype).replace("torch.", ""),
                 trainable_parameters=trainable_parameters(model),
                 seeds=[f"{o.section}:{o.op}" for o in step.flops if o.where.kind == SEED],
                 per_module=per_module_rows(step))
     title = (f"deepseek-ocr-2 train {req.variants.train} decoder: {req.layout.width}x{req.layout.height} "
              f"B={req.batch} L={info['tokens_per_sequence']}")
-    return Comparison(title, rows, scope_rows(graph, vals, step, LM_SCOPES),
-                      unclaimed + _outside(step, LM_SCOPES + ("vision", "backward.vision")), blind(step), info)
+    return Comparison(title, rows, subtotals, unclaimed + _outside(step, LM_SCOPES + ("vision", "backward.vision")), blind(step), info)
 
 
 def verify_vision(req: TrainRequest, model=None) -> Comparison:
