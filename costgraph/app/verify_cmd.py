@@ -262,7 +262,7 @@ def _verify_ocr2(args) -> int:
     other scope the whole model (prefill + --decode-steps decode forwards), every metric. --metrics params:
     the checkpoint's parameters part by part (on meta). Full size: needs about 8 GiB on CPU."""
     import torch
-    from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2, assembly as A2, layout as L2
+    from costgraph.graphs.deepseek_ocr2 import layout as L2
     from costgraph.verify import deepseek_ocr2 as V, report
 
     if args.symbolic or args.mode not in (None, "default"):
