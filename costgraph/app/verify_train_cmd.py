@@ -159,6 +159,10 @@ def run_ocr2(args) -> int:
         print(report.text(comps, footer=f"run time {seconds:.1f} s"))
         row = next(r for r in comps[-1].rows if r.node == "trainable_parameters")
         print(f"trainable parameters ({variants.train}): reference {row.measured:,}, graph {row.predicted:,}")
+        hits = comps[-1].info.get("experts_hit")
+        if hits:   # FLOPs do not depend on it; the elementwise and byte counts of the experts loop do
+            print(f"routed experts hit per MoE layer: {min(hits.values())} to {max(hits.values())} "
+                  f"(the graph's bound: {comps[-1].info['experts_hit_bound']})")
     return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
 
 
