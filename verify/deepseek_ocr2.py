@@ -91,24 +91,34 @@ def reference_config(cfg: VisionConfig = VISION, lm: LMConfig = LM):
     return c
 
 
+LANGUAGE_MODEL = ("model.language_model", "lm_head")   # the parts a CPU run of the language model alone needs
+
+
 def build_reference(device: str = "meta", dtype: torch.dtype = torch.bfloat16, cfg: VisionConfig = VISION,
-                    lm: LMConfig = LM, seed: int = 0):
-    """`DeepseekOcr2ForConditionalGeneration` with random weights (meta: shapes only)."""
+                    lm: LMConfig = LM, seed: int = 0, parts: tuple[str, ...] | None = None):
+    """`DeepseekOcr2ForConditionalGeneration` with random weights (meta: shapes only). `parts`: the submodules
+    given storage on `device` (e.g. `LANGUAGE_MODEL`); the rest stays on meta (None: the whole model)."""
     from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2ForConditionalGeneration
 
     with torch.device("meta"), _default_dtype(dtype):
         model = DeepseekOcr2ForConditionalGeneration(reference_config(cfg, lm))
     if device != "meta":
-        model = model.to_empty(device=device)
-        _fill([p.data for n, p in model.named_parameters() if not n.endswith("norm.weight")
+        if parts is None:
+            model = model.to_empty(device=device)
+        else:
+            for part in parts:
+                model.get_submodule(part).to_empty(device=device)
+        real = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta"]
+        _fill([p.data for n, p in real if not n.endswith("norm.weight")
                and "layer_norm" not in n and "layernorm" not in n], seed)
-        for n, p in model.named_parameters():
+        for n, p in real:
             if n.endswith("norm.weight") or ("layer_norm" in n and n.endswith("weight")):
                 p.data.fill_(1.0)
             elif "layer_norm" in n and n.endswith("bias"):
                 p.data.zero_()
         for mod in model.modules():   # RoPE inverse frequencies are computed, not loaded
-            if hasattr(mod, "compute_default_rope_parameters") and hasattr(mod, "inv_freq"):
+            if hasattr(mod, "compute_default_rope_parameters") and hasattr(mod, "inv_freq") \
+                    and mod.inv_freq.device.type != "meta":
                 inv, _ = mod.compute_default_rope_parameters(mod.config)
                 mod.inv_freq, mod.original_inv_freq = inv.clone(), inv.clone()
     for name, p in model.named_parameters():

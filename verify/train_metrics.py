@@ -84,16 +84,18 @@ def measured_by_module(step: Step) -> dict[tuple[str, str], dict[str, int]]:
 
 
 def compare_metrics(graph, values: dict, step: Step, scopes: tuple[str, ...], metrics: tuple[str, ...], value,
-                    lora_of) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
+                    lora_of, module_of=None) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
     """Rows per (section, module group), per-section totals, and measured groups no node claims.
-    `value(expr, values)` evaluates a cost; `lora_of(node)` tells whether a node's projection has adapters."""
+    `value(expr, values)` evaluates a cost; `lora_of(node)` tells whether a node's projection has adapters;
+    `module_of(path, lora)` the reference module of a node (default `module_for`: DeepSeek-OCR's reference)."""
+    module_of = module_of or module_for
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for scope in scopes:
         for node in graph.nodes(scope):
             d = graph.g.nodes[node]
             if d["scope"] != scope or d["kind"] == "input":
                 continue
-            groups[(scope, module_for(d["path"], lora_of(node)))].append(node)
+            groups[(scope, module_of(d["path"], lora_of(node)))].append(node)
     measured = measured_by_module(step)
     rows = []
     for (scope, module), nodes in groups.items():

@@ -216,16 +216,17 @@ def lora_target_modules(v: Variants) -> list[str]:
     return [f"{t}_proj" for t in v.lora_targets.split(",")]
 
 
-def apply_lora(module: nn.Module, v: Variants) -> None:
+def apply_lora(module: nn.Module, v: Variants, target_modules=None) -> None:
     """peft's LoRA injected in place (module paths `<target>.base_layer`, `<target>.lora_A.default`,
     `<target>.lora_B.default`; dropout 0 is an Identity; B zero-initialised), the adapters upcast to
     fp32 as `get_peft_model` does by default (`autocast_adapter_dtype=True`): on a bf16 model peft then
-    casts the input to fp32 for the adapters and the sum back to bf16."""
+    casts the input to fp32 for the adapters and the sum back to bf16. `target_modules`: peft's own
+    (a list of names or a regex fullmatched against module paths); default the setting's names."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
     config = LoraConfig(r=v.lora_rank, lora_alpha=v.lora_alpha, lora_dropout=0.0, bias="none",
-                        target_modules=lora_target_modules(v))
+                        target_modules=lora_target_modules(v) if target_modules is None else target_modules)
     inject_adapter_in_model(config, module)
     cast_adapter_dtype(module, "default", autocast_adapter_dtype=True)
 

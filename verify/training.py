@@ -36,6 +36,7 @@ from costgraph.graphs.deepseek_ocr.decoder import Variants
 from costgraph.graphs.deepseek_ocr.layout import Layout, tokens_for
 from .backward import ACCUMULATE, BACKWARD, FORWARD, SEED, Step, counting
 from .compare import Comparison, Row
+from .lm_profile import EVEN, ODD
 from .mapping import claims_for as vision_claims_for
 from .profile import COMPUTE_OP
 from .train_reference import (apply_setting, build_training_lm, lm_batch, sam_trains, set_vision_trainable,
@@ -68,12 +69,20 @@ class Claim:
     occurrence: object = ALL
 
     def matches(self, module: str, call: str, occurrence: int) -> bool:
-        return (call == self.call and self.occurrence in (ALL, occurrence)
+        return (call == self.call and _which(self.occurrence, occurrence)
                 and re.fullmatch(self.module, module) is not None)
 
     def __str__(self) -> str:
         occ = "" if self.occurrence == ALL else f" #{self.occurrence}"
         return f"{self.module.replace(chr(92), '')} [{self.call}{occ}]"
+
+
+def _which(which, occurrence: int) -> bool:
+    """A claim's occurrence: ALL, one index, or (`lm_profile`'s) EVEN / ODD calls (alternating calls of one
+    module: the eager experts loop's gate_up and down projections)."""
+    if which in (ALL, occurrence):
+        return True
+    return (which == EVEN and occurrence % 2 == 0) or (which == ODD and occurrence % 2 == 1)
 
 
 def lm_claim(path: str, lora: bool) -> Claim:

@@ -13,6 +13,7 @@ import time
 from costgraph.graphs.deepseek_ocr import MODEL
 from costgraph.graphs.deepseek_ocr.config import MAX_CROPS, get_mode
 from costgraph.graphs.deepseek_ocr.decoder import TRAIN
+from costgraph.graphs.deepseek_ocr2.decoder import TRAIN as TRAIN_OCR2
 from costgraph.graphs.deepseek_ocr.layout import layout_for, layout_for_grid
 from costgraph.render import table
 from .text import UserError
@@ -24,7 +25,9 @@ EXIT_MISMATCH = 1
 def add_arguments(q) -> None:
     q.add_argument("--phase", choices=["inference", "train"], default="inference",
                    help="train: a fine-tuning step (forward, loss, backward) against the training reference")
-    q.add_argument("--train", choices=list(TRAIN), default=None, help="--phase train: what trains (default lm)")
+    q.add_argument("--train", choices=list(dict.fromkeys(TRAIN + TRAIN_OCR2)), default=None,
+                   help="--phase train: what trains (default lm; lm+clip+projector: deepseek-ocr, "
+                        "lm+encoder+projector: deepseek-ocr-2)")
     q.add_argument("--lora-rank", type=int, default=None, help="--train lora: rank (default 16)")
     q.add_argument("--lora-alpha", type=int, default=None, help="--train lora: alpha (default 16)")
     q.add_argument("--lora-targets", default=None, help="--train lora: comma list of q,k,v,o,gate,up,down")
@@ -56,8 +59,14 @@ def _layout(args, mode):
 
 def check(args) -> None:
     """Bad requests, refused before anything runs."""
-    if getattr(args, "model", "deepseek-ocr") != "deepseek-ocr":
-        raise UserError("--phase train verifies deepseek-ocr")
+    model = getattr(args, "model", "deepseek-ocr")
+    if model not in ("deepseek-ocr", "deepseek-ocr-2"):
+        raise UserError("--phase train verifies deepseek-ocr and deepseek-ocr-2")
+    if model == "deepseek-ocr-2":
+        if args.mode not in (None, "default"):
+            raise UserError("--model deepseek-ocr-2 --phase train: its one mode is default")
+        if args.train == "lm+clip+projector":
+            raise UserError("--model deepseek-ocr-2 has no CLIP: --train lm|full|lm+encoder+projector|lora")
     if args.all_grids or args.symbolic:
         raise UserError("--phase train verifies one page: give --image, --size or --grid")
     if args.scope not in TRAIN_SCOPES:
@@ -83,6 +92,8 @@ def run(args) -> int:
     from costgraph.verify.train_reference import apply_setting, build_training_lm
 
     check(args)
+    if getattr(args, "model", "deepseek-ocr") == "deepseek-ocr-2":
+        return run_ocr2(args)
     variants = _variants(args)
     mode = get_mode(args.mode or "gundam")
     if mode.crop_mode is False:
@@ -113,6 +124,46 @@ def run(args) -> int:
         if memory is not None:
             print(memory_text(memory))
     return 0 if ok else EXIT_MISMATCH
+
+
+def run_ocr2(args) -> int:
+    """DeepSeek-OCR 2's step against transformers' model (`costgraph.verify.train_ocr2`): vision on meta, the
+    language model on CPU (bf16), FLOPs node by node and the trainable parameters of every setting."""
+    from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2
+    from costgraph.verify import report, train_ocr2 as T
+    from .verify_cmd import ocr2_layouts
+
+    options = {"phase": "train", "attention": args.attention}
+    for name in ("train", "lora_rank", "lora_alpha", "lora_targets"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.lm_head != "all":
+        raise UserError("a training step computes the logits of every position (--lm-head all)")
+    try:
+        variants = OCR2.variants(**options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    metrics = _train_metrics(args)
+    req = T.TrainRequest(ocr2_layouts(args)[0], variants, text_tokens=args.text_tokens, batch=args.batch)
+    t = time.perf_counter()
+    comps = []
+    if args.scope in ("vision", "train"):
+        comps.append(T.verify_vision(req))
+    if args.scope in ("decoder", "train"):
+        comps.append(T.verify_decoder(req, metrics=metrics))
+    seconds = time.perf_counter() - t
+    if args.json:
+        print(json.dumps(report.to_json(comps, {"run": {"seconds": round(seconds, 1), "phase": "train",
+                                                        "scope": args.scope}}), indent=1))
+    else:
+        print(report.text(comps, footer=f"run time {seconds:.1f} s"))
+        row = next(r for r in comps[-1].rows if r.node == "trainable_parameters")
+        print(f"trainable parameters ({variants.train}): reference {row.measured:,}, graph {row.predicted:,}")
+        hits = comps[-1].info.get("experts_hit")
+        if hits:   # FLOPs do not depend on it; the elementwise and byte counts of the experts loop do
+            print(f"routed experts hit per MoE layer: {min(hits.values())} to {max(hits.values())} "
+                  f"(the graph's bound: {comps[-1].info['experts_hit_bound']})")
+    return 0 if all(c.ok for c in comps) else EXIT_MISMATCH
 
 
 def _train_metrics(args) -> tuple[str, ...]:

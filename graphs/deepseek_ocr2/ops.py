@@ -127,11 +127,34 @@ params.register("projector_linear")(params.linear)
 
 @register("shift_labels")
 def shift_labels(labels):
-    """`ForCausalLMLoss`'s labels: `pad(labels, (0, 1), value=-100)` (B, L + 1), then `[..., 1:].contiguous()`
-    (a copy of B x L): int64, no FLOPs."""
+    """`ForCausalLMLoss`'s labels after the pad (`pad(labels, (0, 1), value=-100)`, (B, L + 1): the engine's
+    `nll_loss` counts it, as every model's loss runs it): `[..., 1:].contiguous()`, a copy of B x L int64 for
+    B > 1; for one sequence the (1, L) slice is contiguous already (a dimension of size 1 has no stride) and
+    nothing is copied. No FLOPs."""
     bsz, n = labels
-    return (bsz * n,), (_cost(read=INT64 * bsz * n, written=INT64 * bsz * (n + 1))
-                        + _cost(read=INT64 * bsz * n, written=INT64 * bsz * n, out=INT64 * bsz * n))
+    copies = sp.Piecewise((0, sp.Eq(bsz, 1)), (1, True))
+    return (bsz * n,), _cost(read=INT64 * bsz * n * copies, written=INT64 * bsz * n * copies, out=INT64 * bsz * n)
+
+
+@register("packed_sequence_check")
+def packed_sequence_check(pos, *, batch):
+    """`transformers`' `find_packed_sequence_indices` (masking_utils), which `create_causal_mask` runs when no
+    cache and no 2-D mask are given (a training forward), on the position ids expanded to (B, L) (a view of the
+    (1, L) int64 ids: read once): `pos[:, :1] - 1`, `diff(pos, prepend=...)` (a cat of B x (L + 1), then a sub
+    of B x L), `!= 1`, `cumsum` (no elementwise convention: counted 0, as the recorder counts it),
+    `[:, -1] == 0`, `.all()` and its read-back to Python (one sequence per row: not packed, the mask
+    unchanged). No FLOPs."""
+    n, b = sp.sympify(pos[-1]), sp.sympify(batch)
+    bn = b * n
+    cost = (_cost(ew_flops=ew("sub", b), read=INT64, written=INT64 * b)                  # pos[:, :1] - 1
+            + _cost(read=INT64 * (b + n), written=INT64 * (bn + b))                        # diff: prepend (cat)
+            + _cost(ew_flops=ew("sub", bn), read=2 * INT64 * bn, written=INT64 * bn)       # diff: sub
+            + _cost(ew_flops=ew("ne", bn), read=INT64 * bn, written=BOOL * bn)
+            + _cost(read=BOOL * bn, written=INT64 * bn)                                    # cumsum
+            + _cost(ew_flops=ew("eq", b), read=INT64 * b, written=BOOL * b)
+            + _cost(ew_flops=ew("all", b), read=BOOL * b, written=BOOL)
+            + _cost(read=BOOL))                                                            # .item()
+    return (), cost
 
 
 # ---- backward formulas ------------------------------------------------------------------------------

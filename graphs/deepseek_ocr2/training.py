@@ -99,6 +99,10 @@ def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION):
     d = g.scope("decoder", doc="one language-model forward over B training sequences, and the loss")
     loss = steps.forward(d, cfg, variants, tokens=tokens, batch=S.batch, image=image, slots=assembly.image_slots(),
                          moe_block=moe_eager, scatter="placeholder_scatter")
+    # transformers 5.x checks the position ids for packed sequences (no cache, no 2-D mask): the text model's
+    # own ops before the mask, in the graph after the forward (nothing reads its result)
+    d.op("packed_sequence_check", "packed_sequence_check", Tensor("decoder.position_ids", (1, tokens), INT64),
+         batch=S.batch)
     labels = d.input("labels", (S.batch, tokens), itemsize=INT64)
     d.op("loss.shift_labels", "shift_labels", labels)
     return g, steps.add_step(g, loss.node, variants, steps.trains(variants))
