@@ -82,12 +82,10 @@ def test_bad_training_requests_are_refused(cli, argv, message):
 
 
 # Backward groups not exact in elementwise FLOPs and bytes (reported by `costgraph verify --phase train --metrics
-# elementwise_flops,bytes`): in every MoE layer, the eager experts loop's gradient sums (the flattened hidden
-# states and the routing weights, gathered once per expert run: the graph charges the sums to the gathers'
-# backward, the measurement to the tensors' producers, `.mlp` and `.mlp.gate`), and the 3-D expert weights'
-# gradients (each run's `gate_up_proj[i]` / `down_proj[i]` select writes a zero-filled full-size gradient and
-# autograd adds the runs' ones: not in the graph) and the fused gate_up chunk's backward (one cat in torch,
-# two slices and a gradient sum in the graph)
+# elementwise_flops,bytes`), in every MoE layer: the eager experts loop's gradient sums of the flattened hidden
+# states and the routing weights (gathered once per expert run) are charged to the gathers' backward in the
+# graph, to the tensors' producers (`.mlp`, `.mlp.gate`) in the measurement; the fused gate_up output's chunk has
+# a one-cat backward in torch, two slices and one gradient sum (k L x 2 I adds) in the graph.
 NOT_EXACT_BACKWARD = r"backward\.decoder:model\.language_model\.layers\.\d+\.mlp(\.experts|\.gate)?"
 
 
@@ -108,3 +106,9 @@ def test_language_model_step_elementwise_and_bytes_per_module():
                                                              for r in checked if not r.ok]
     assert all(r.ok for r in c.subtotals if r.node == "decoder")
     assert all(r.ok for r in c.rows if r.metric in ("flops", "params")) and not c.unclaimed
+    # the MoE groups of a layer together: the 3-D expert weights' gradients (a zero-filled full-size one per
+    # expert run, then hits - 1 adds) counted; what is left over is the chunk's gradient sum alone
+    moe = [r for r in backward if r.metric == "elementwise_flops" and re.fullmatch(NOT_EXACT_BACKWARD, r.node)
+           and ".layers.1." in r.node]
+    rows = SMALL_LM.experts_per_token * (1 + 257 + 5)
+    assert sum(r.predicted - r.measured for r in moe) == rows * 2 * SMALL_LM.moe_intermediate

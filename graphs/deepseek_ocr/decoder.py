@@ -312,12 +312,16 @@ def swiglu(b: ScopeBuilder, h: Tensor, p: str, hidden: int, inter: int, linear=N
     return linear(b, f"{p}.down_proj", m, in_features=inter, out_features=hidden)
 
 
+# The op kinds of the eager experts loop's per-run ops: the rows' gather, the routing weights' gather and
+# the routed projections (a training step gives kinds whose backward counts each run's gradient bookkeeping).
+EXPERTS_LOOP = {"rows": "expert_gather", "weights": "routed_gather", "experts": "routed_linear"}
+
+
 def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1, linear=None,
-        gathers: tuple[str, str] = ("expert_gather", "routed_gather")) -> Tensor:
+        kinds: dict = EXPERTS_LOOP) -> Tensor:
     """fp32 router, greedy top-k, the eager experts loop (k routed rows per token), the shared expert
     (`linear`: its projections' builder, as in `swiglu`; the routed experts are 3-D parameters, not
-    Linear modules). `gathers`: the op kinds of the rows' and the routing weights' gathers (a training
-    step's name the expert runs, for their backward)."""
+    Linear modules). `kinds`: the loop's per-run op kinds (`EXPERTS_LOOP`'s keys)."""
     hid, k, inter, e = cfg.hidden, cfg.experts_per_token, cfg.moe_intermediate, cfg.routed_experts
     n = batch * tokens   # the experts loop sees the batch's tokens as one list
     rows = n * k   # whatever the router decides: k distinct experts per token
@@ -331,16 +335,16 @@ def moe(b: ScopeBuilder, h: Tensor, p: str, cfg: LMConfig, tokens, hits, batch=1
     mask = b.op(f"{p}.experts.expert_mask", "expert_mask", top, experts=e, hits=hits, out_itemsize=INDEX)
     where = b.op(f"{p}.experts.where", "expert_select", mask, rows=rows, hits=hits, out_itemsize=INDEX)
     # the eager loop launches these once per expert hit (`launches`: the time model's kernel count)
-    x = b.op(f"{p}.experts.gather", gathers[0], flat, where, rows=rows, width=hid, launches=hits)
-    gu = b.op(f"{p}.experts.gate_up_proj", "routed_linear", x, in_features=hid, out_features=2 * inter,
+    x = b.op(f"{p}.experts.gather", kinds["rows"], flat, where, rows=rows, width=hid, launches=hits)
+    gu = b.op(f"{p}.experts.gate_up_proj", kinds["experts"], x, in_features=hid, out_features=2 * inter,
               hits=hits, experts=e, active_experts=k)
     gate = b.op(f"{p}.experts.gate", "slice", gu, shape=(rows, inter))   # chunk(2): views
     up = b.op(f"{p}.experts.up", "slice", gu, shape=(rows, inter))
     act = b.op(f"{p}.experts.act_fn", "silu", gate, launches=hits)
     m = b.op(f"{p}.experts.mul", "mul", act, up, launches=hits)
-    out = b.op(f"{p}.experts.down_proj", "routed_linear", m, in_features=inter, out_features=hid,
+    out = b.op(f"{p}.experts.down_proj", kinds["experts"], m, in_features=inter, out_features=hid,
                hits=hits, experts=e, active_experts=k)
-    w = b.op(f"{p}.experts.routing_weights.select", gathers[1], top, where, rows=rows, launches=hits)
+    w = b.op(f"{p}.experts.routing_weights.select", kinds["weights"], top, where, rows=rows, launches=hits)
     out = b.op(f"{p}.experts.routing_weights", "promote_mul", out, w, out_itemsize=FP32, launches=hits)
     out = b.op(f"{p}.experts.cast", "cast", out, out_itemsize=S.dtype_bytes, launches=hits)
     out = b.op(f"{p}.experts.combine", "index_add_", acc, out, where, hits=hits)

@@ -226,6 +226,16 @@ def routed_gather_each(weights, where, *, rows, launches):
     return OPS["routed_gather"](weights, where, rows=rows)
 
 
+@register("routed_linear_each")
+def routed_linear_each(x, *, in_features, out_features, hits, experts):
+    """`costgraph.ops.routed_linear` (one F.linear per expert run on `weight[i]` of the 3-D parameter), its
+    stored copies (`experts`) named for the backward."""
+    return OPS["routed_linear"](x, in_features=in_features, out_features=out_features, hits=hits)
+
+
+params.register("routed_linear_each")(params.routed_linear)
+
+
 @register_backward("expert_gather_each", index_inputs=(1,))
 def expert_gather_each_backward(x, where, *, grads, weight_grad, rows, width, launches):
     """hidden_states[token_idx] per expert run: zeros of the tokens' shape, the rows' gradient put back at
@@ -257,8 +267,25 @@ def index_add_backward(acc, rows, where, *, grads, weight_grad, hits):
     return Grad(_cost(read=C.gather_bytes_read(r * INT64, numel(rows), b), written=n, out=n), [2])
 
 
-@register_backward("arange_ids", "block_causal_mask", "mask_to_float", "shift_labels")
+@register_backward("arange_ids", "block_causal_mask", "mask_to_float", "shift_labels", "packed_sequence_check")
 def no_gradient(*inputs, grads, weight_grad, **attrs):
     """Positions, masks (a boolean mask made additive: a constant of the mask) and labels: nothing upstream
     needs their gradient (integer or boolean sources)."""
     return Grad(Cost())
+
+
+@register_backward("routed_linear_each")
+def routed_linear_each_backward(x, *, grads, weight_grad, in_features, out_features, hits, experts):
+    """The per-run matmuls' gradients (`routed_linear`'s), and, when the experts train, the 3-D parameter's
+    gradient as autograd builds it from `weight[i]`: each run's select backward writes a zero-filled
+    gradient of the whole parameter (all `experts`) and copies its slice in; the runs' gradients are then
+    added (hits - 1 adds of the parameter's size)."""
+    cost, saved = BACKWARD["routed_linear"](x, grads=grads, weight_grad=weight_grad, in_features=in_features,
+                                            out_features=out_features, hits=hits)
+    if weight_grad:
+        one = in_features * out_features * itemsize(x)
+        full = experts * one
+        cost = (cost + _cost(written=hits * full) + _cost(read=hits * one, written=hits * one)
+                + _cost(ew_flops=(hits - 1) * ew("add", experts * in_features * out_features),
+                        read=2 * (hits - 1) * full, written=(hits - 1) * full))
+    return Grad(cost, saved)

@@ -46,7 +46,8 @@ from .config import LM, VISION, VisionConfig
 from .decoder import Variants
 
 TRAIN = ("lm", "full", "lm+encoder+projector", "lora")
-EACH_RUN = ("expert_gather_each", "routed_gather_each")   # the eager loop's gathers, their runs named
+# the eager experts loop's per-run ops as a training step runs them (their backward counts every run's)
+EACH_RUN = {"rows": "expert_gather_each", "weights": "routed_gather_each", "experts": "routed_linear_each"}
 
 
 def sequence_length() -> sp.Expr:
@@ -82,7 +83,7 @@ def moe_eager(linear):
     tokens (every expert run: a prompt routes k x L >= 64 rows), LoRA through the shared experts."""
     def block(b, h, p, cfg, tokens, batch):
         hits = blocks.experts_hit_bound(cfg, batch * tokens)
-        return blocks.moe(b, h, p, cfg, tokens, hits, batch, linear=linear, gathers=EACH_RUN)
+        return blocks.moe(b, h, p, cfg, tokens, hits, batch, linear=linear, kinds=EACH_RUN)
     return block
 
 
