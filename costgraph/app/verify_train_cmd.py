@@ -34,15 +34,16 @@ def add_arguments(q) -> None:
     q.add_argument("--batch", type=int, default=1, help="--phase train: pages per micro-batch (default 1)")
 
 
-def _variants(args):
-    options = {"phase": "train", "attention": args.attention, "rope": args.rope}
+def _variants(args, model=MODEL, **options):
+    """The training step's variants of `model` from the arguments (`options`: the model's own ones)."""
+    options = {"phase": "train", "attention": args.attention, **options}
     for name in ("train", "lora_rank", "lora_alpha", "lora_targets"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.lm_head != "all":
         raise UserError("a training step computes the logits of every position (--lm-head all)")
     try:
-        return MODEL.variants(**options)
+        return model.variants(**options)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -94,7 +95,7 @@ def run(args) -> int:
     check(args)
     if getattr(args, "model", "deepseek-ocr") == "deepseek-ocr-2":
         return run_ocr2(args)
-    variants = _variants(args)
+    variants = _variants(args, rope=args.rope)
     mode = get_mode(args.mode or "gundam")
     if mode.crop_mode is False:
         raise UserError("--phase train: the training graph is built for crop mode (gundam, gundam-m) only for now")
@@ -133,16 +134,7 @@ def run_ocr2(args) -> int:
     from costgraph.verify import report, train_ocr2 as T
     from .verify_cmd import ocr2_layouts
 
-    options = {"phase": "train", "attention": args.attention}
-    for name in ("train", "lora_rank", "lora_alpha", "lora_targets"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    if args.lm_head != "all":
-        raise UserError("a training step computes the logits of every position (--lm-head all)")
-    try:
-        variants = OCR2.variants(**options)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    variants = _variants(args, OCR2)
     metrics = _train_metrics(args)
     req = T.TrainRequest(ocr2_layouts(args)[0], variants, text_tokens=args.text_tokens, batch=args.batch)
     t = time.perf_counter()

@@ -36,7 +36,7 @@ from functools import lru_cache
 from costgraph import symbols as ES
 from costgraph.graph import CostGraph
 from costgraph.graphs.serving import Engine, Page, Served, ServeConfig, StepModel as _StepModel, vllm_graph  # noqa: F401
-from . import assembly
+from . import assembly, layout as layout_module
 from .config import LM, MAX_POSITIONS, Mode
 from .decoder import Variants, decoder_graph, expected_experts_hit, experts_hit_bound, kv_cache_bytes_per_token
 from .layout import Layout, layout_for, tokens_for  # noqa: F401
@@ -60,30 +60,39 @@ def _lm(crop_mode: bool, variants: Variants, batch) -> CostGraph:
     return decoder_graph(LM, variants, crop_mode, batch=batch)
 
 
-class DeepSeekOCRServed(Served):
+class CropGridServed(Served):
+    """The hooks DeepSeek-OCR and DeepSeek-OCR 2 fill alike: their layout and assembly modules (`layout`,
+    `assembly`) have the same functions."""
+    layout = None
+    assembly = None
+
+    def layout_for(self, width, height, mode, max_num):
+        return self.layout.layout_for(width, height, mode, max_num=max_num)
+
+    def image_tokens(self, layout, mode):
+        return self.layout.tokens_for(layout, mode)["total"]
+
+    def layout_values(self, layout):
+        return self.assembly.layout_values(layout)
+
+    def dtype_values(self, dtype):
+        return self.assembly.dtype_values(dtype)
+
+
+class DeepSeekOCRServed(CropGridServed):
     engines = ENGINES
     published = PAPER
     max_positions = MAX_POSITIONS
+    layout = layout_module
+    assembly = assembly
 
     @property
     def model(self):
         from . import MODEL
         return MODEL
 
-    def layout_for(self, width, height, mode, max_num):
-        return layout_for(width, height, mode, max_num=max_num)
-
     def check_sequence(self, mode, layout, text_tokens, output_tokens):
         assembly.sequence_record(mode, layout, text_tokens, output_tokens)
-
-    def image_tokens(self, layout, mode):
-        return tokens_for(layout, mode)["total"]
-
-    def layout_values(self, layout):
-        return assembly.layout_values(layout)
-
-    def dtype_values(self, dtype):
-        return assembly.dtype_values(dtype)
 
     def vision_graph(self, mode):
         return assembly.vision_graph(mode.crop_mode)

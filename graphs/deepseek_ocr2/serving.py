@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from costgraph.evaluate import substitute
 from costgraph.graphs.deepseek_ocr.decoder import expected_experts_hit, experts_hit_bound
-from costgraph.graphs.serving import Engine, Served
-from . import assembly, decoder
+from costgraph.graphs.deepseek_ocr.serving import CropGridServed
+from costgraph.graphs.serving import Engine
+from . import assembly, decoder, layout as layout_module
 from .config import LM, MAX_CROPS, MAX_POSITIONS
 from .decoder import Variants
-from .layout import layout_for, tokens_for
 
 ENGINES = {
     "hf": Engine("hf", decoder.DEFAULT, MAX_CROPS, False, False, "static", 1,
@@ -43,30 +43,20 @@ ENGINES = {
 }
 
 
-class DeepSeekOCR2Served(Served):
+class DeepSeekOCR2Served(CropGridServed):
     engines = ENGINES
     published = None          # SPEC publishes no throughput for DeepSeek-OCR 2
     max_positions = MAX_POSITIONS
+    layout = layout_module
+    assembly = assembly
 
     @property
     def model(self):
         from . import MODEL
         return MODEL
 
-    def layout_for(self, width, height, mode, max_num):
-        return layout_for(width, height, mode, max_num=max_num)
-
     def check_sequence(self, mode, layout, text_tokens, output_tokens):
         assembly.sequence_record(layout, text_tokens, output_tokens, mode)
-
-    def image_tokens(self, layout, mode):
-        return tokens_for(layout, mode)["total"]
-
-    def layout_values(self, layout):
-        return assembly.layout_values(layout)
-
-    def dtype_values(self, dtype):
-        return assembly.dtype_values(dtype)
 
     def vision_graph(self, mode):
         return assembly.vision_graph()
