@@ -235,24 +235,6 @@ def _verify_vit(args) -> int:
     return 0 if comp.ok else EXIT_MISMATCH
 
 
-def ocr2_layouts(args) -> list:
-    """DeepSeek-OCR 2's pages of a request: --all-grids, --grid (a what-if noted), --image or --size."""
-    from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2, assembly as A2, layout as L2
-
-    max_num = args.max_num if args.max_num is not None else L2.MAX_CROPS
-    mode = OCR2.get_mode("default")
-    if args.all_grids:
-        return [L2.layout_for_grid(w, h, mode) for w, h in L2.all_grids(max_num)]
-    if args.grid:
-        note = L2.check_grid(args.grid, mode, max_num, args.what_if)
-        if note:
-            print(f"costgraph: note: {note}", file=sys.stderr)
-        return [L2.layout_for_grid(*args.grid, mode)]
-    if args.image:
-        return [A2.layout_for_image(args.image, mode, max_num)]
-    return [L2.layout_for(*args.size, mode, max_num=max_num)]
-
-
 def _verify_ocr2(args) -> int:
     """DeepSeek-OCR 2 against transformers' DeepseekOcr2ForConditionalGeneration (random weights).
 
@@ -269,7 +251,7 @@ def _verify_ocr2(args) -> int:
         raise UserError("--model deepseek-ocr-2 verify: no --symbolic; its one mode is default")
     max_num = args.max_num if args.max_num is not None else L2.MAX_CROPS
     groups, compared = _metrics(args)
-    lays = ocr2_layouts(args)
+    lays = verify_train_cmd.ocr2_layouts(args)
     if args.device == "cpu" and len(lays) > 1:
         raise UserError("--all-grids runs on meta (FLOPs); a CPU run takes one page (--image, --size or --grid)")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or "bf16"]

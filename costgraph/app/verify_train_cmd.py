@@ -8,6 +8,7 @@ full-size language model on CPU: forward, loss, backward; then the memory run), 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from costgraph.graphs.deepseek_ocr import MODEL
@@ -56,6 +57,24 @@ def _layout(args, mode):
     if args.grid:
         return layout_for_grid(*args.grid, mode)
     return layout_for(*args.size, mode, max_num=max_num)
+
+
+def ocr2_layouts(args) -> list:
+    """DeepSeek-OCR 2's pages of a request: --all-grids, --grid (a what-if noted), --image or --size."""
+    from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2, assembly as A2, layout as L2
+
+    max_num = args.max_num if args.max_num is not None else L2.MAX_CROPS
+    mode = OCR2.get_mode("default")
+    if args.all_grids:
+        return [L2.layout_for_grid(w, h, mode) for w, h in L2.all_grids(max_num)]
+    if args.grid:
+        note = L2.check_grid(args.grid, mode, max_num, args.what_if)
+        if note:
+            print(f"costgraph: note: {note}", file=sys.stderr)
+        return [L2.layout_for_grid(*args.grid, mode)]
+    if args.image:
+        return [A2.layout_for_image(args.image, mode, max_num)]
+    return [L2.layout_for(*args.size, mode, max_num=max_num)]
 
 
 def check(args) -> None:
@@ -132,7 +151,6 @@ def run_ocr2(args) -> int:
     language model on CPU (bf16), FLOPs node by node and the trainable parameters of every setting."""
     from costgraph.graphs.deepseek_ocr2 import MODEL as OCR2
     from costgraph.verify import report, train_ocr2 as T
-    from .verify_cmd import ocr2_layouts
 
     variants = _variants(args, OCR2)
     metrics = _train_metrics(args)
