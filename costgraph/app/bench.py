@@ -90,6 +90,8 @@ def _forms(model):
             for metric in METRICS + DERIVED:
                 if metric == "kv_cache_bytes" and not (scope.startswith("decoder") or scope in model.composites):
                     continue
+                if metric == "peak_memory_bytes":   # a training step's metric: these are inference forms
+                    continue
                 for kind in forms.FORMS:
                     if kind == "coefficients" and mode is None:
                         continue
