@@ -84,11 +84,13 @@ def measured_by_module(step: Step) -> dict[tuple[str, str], dict[str, int]]:
 
 
 def compare_metrics(graph, values: dict, step: Step, scopes: tuple[str, ...], metrics: tuple[str, ...], value,
-                    lora_of, module_of=None) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
+                    lora_of, module_of=None, values_of=None) -> tuple[list[Row], list[Row], list[tuple[str, str, int]]]:
     """Rows per (section, module group), per-section totals, and measured groups no node claims.
     `value(expr, values)` evaluates a cost; `lora_of(node)` tells whether a node's projection has adapters;
-    `module_of(path, lora)` the reference module of a node (default `module_for`: DeepSeek-OCR's reference)."""
+    `module_of(path, lora)` the reference module of a node (default `module_for`: DeepSeek-OCR's reference);
+    `values_of(node)`: a node's own values (e.g. the experts its layer ran), default `values` for all."""
     module_of = module_of or module_for
+    node_values = values_of or (lambda node: values)
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for scope in scopes:
         for node in graph.nodes(scope):
@@ -101,7 +103,7 @@ def compare_metrics(graph, values: dict, step: Step, scopes: tuple[str, ...], me
     for (scope, module), nodes in groups.items():
         got = measured.get((scope, module), dict.fromkeys(METRICS, 0))
         for m in metrics:
-            predicted = sum(value(graph.effective_cost(n)[m], values) for n in nodes)
+            predicted = sum(value(graph.effective_cost(n)[m], node_values(n)) for n in nodes)
             if predicted or got[m]:
                 rows.append(Row(_name(scope, module), m, predicted, got[m], f"{len(nodes)} nodes"))
     unclaimed = [(f"{sec}:{mod or '<root>'}", m, got[m]) for (sec, mod), got in sorted(measured.items())
@@ -109,7 +111,8 @@ def compare_metrics(graph, values: dict, step: Step, scopes: tuple[str, ...], me
     totals = []
     for scope in scopes:
         for m in metrics:
-            predicted = value(graph.total(scope)[m], values)
+            predicted = value(graph.total(scope)[m], values) if values_of is None else \
+                sum(value(graph.effective_cost(n)[m], values_of(n)) for n in graph.nodes(scope))
             got = sum(v[m] for (sec, _), v in measured.items() if sec == scope)
             totals.append(Row(scope, m, predicted, got, "all recorded ops"))
     return rows, totals, unclaimed

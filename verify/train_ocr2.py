@@ -160,12 +160,31 @@ class TrainRequest:
 
 
 def train_graph(req: TrainRequest):
-    return train_graph_mod.train_graph(req.variants, req.lm, req.vision)
+    """The step's graph with the experts each MoE layer runs kept free (`S.experts_hit`)."""
+    return train_graph_mod.train_graph(req.variants, req.lm, req.vision, S.experts_hit)
+
+
+def experts_bound(req: TrainRequest) -> int:
+    """The graph's prediction of the experts a layer runs: every one a micro-batch's rows can reach."""
+    return int(train_graph_mod.blocks.experts_hit_bound(req.lm, req.batch * (1 + req.text_tokens + req.slots)))
 
 
 def values(req: TrainRequest, dtype_bytes: int | None = None) -> dict:
+    """The request's values, the experts each layer runs at the bound (FLOPs and parameters do not depend on
+    them; `verify_decoder` substitutes each layer's own count for the other metrics)."""
     b = dtype_bytes if dtype_bytes is not None else torch.tensor([], dtype=req.dtype).element_size()
-    return {**V._values(req.layout, b, req.text_tokens), S.batch: req.batch}
+    return {**V._values(req.layout, b, req.text_tokens), S.batch: req.batch, S.experts_hit: experts_bound(req)}
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_values(vals: dict, hits: dict[str, int]):
+    """A node's values: its MoE layer's experts as the routers ran them (`hits`: layer -> count)."""
+    def of(node: str) -> dict:
+        m = _LAYER.search(node)
+        return {**vals, S.experts_hit: hits[m.group(1)]} if m and m.group(1) in hits else vals
+    return of
 
 
 def params_row(req: TrainRequest, model) -> Row:
@@ -289,7 +308,8 @@ def verify_decoder(req: TrainRequest, model=None, metrics: tuple[str, ...] = ("f
     subtotals = scope_rows(graph, vals, step, LM_SCOPES)
     if other:
         lora_of = lambda node: f"{node}.lora_A" in graph.g or _forward_of(node) + ".lora_A" in graph.g
-        r, t, u = compare_metrics(graph, vals, step, LM_SCOPES, other, _value, lora_of, metric_module)
+        r, t, u = compare_metrics(graph, vals, step, LM_SCOPES, other, _value, lora_of, metric_module,
+                                  layer_values(vals, info["experts_hit"]))
         rows, subtotals, unclaimed = rows + r, subtotals + t, unclaimed + u
     info.update(seconds=info["step_seconds"], variants=req.variants.as_dict(), device="cpu", dtype=str(req.dtype).replace("torch.", ""),
                 trainable_parameters=trainable_parameters(model),

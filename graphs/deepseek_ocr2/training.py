@@ -30,7 +30,7 @@ Scopes as DeepSeek-OCR's step: `vision`, `vision.global`, `vision.crops`, `decod
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import sympy as sp
 
@@ -78,18 +78,20 @@ def _add_vision(g: CostGraph, cfg: VisionConfig = VISION) -> Tensor:
     return a.op("assemble.batch_cat", "cat", seq, dim=0)
 
 
-def moe_eager(linear):
+def moe_eager(linear, experts_hit=None):
     """The MoE layer as `transformers` trains it: DeepSeek-OCR's eager experts loop over the B sequences'
-    tokens (every expert run: a prompt routes k x L >= 64 rows), LoRA through the shared experts."""
+    tokens (`experts_hit` experts run per layer; None: the bound, every expert: a prompt routes k x L >= 64
+    rows), LoRA through the shared experts."""
     def block(b, h, p, cfg, tokens, batch):
-        hits = blocks.experts_hit_bound(cfg, batch * tokens)
+        hits = blocks.experts_hit_bound(cfg, batch * tokens) if experts_hit is None else experts_hit
         return blocks.moe(b, h, p, cfg, tokens, hits, batch, linear=linear, kinds=EACH_RUN)
     return block
 
 
 @lru_cache(maxsize=None)
-def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION):
-    """The training step's graph (symbolic in the grid, text_tokens, batch and dtype) and what trained."""
+def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION, experts_hit=None):
+    """The training step's graph (symbolic in the grid, text_tokens, batch and dtype) and what trained;
+    `experts_hit`: None predicts the bound, `costgraph.symbols.experts_hit` keeps it free (the verifier's)."""
     if variants.phase != "train":
         raise ValueError("train_graph needs phase='train'")
     if blocks.ATTENTION[variants.attention] == "none":
@@ -99,7 +101,7 @@ def train_graph(variants: Variants, cfg=LM, vision_cfg: VisionConfig = VISION):
     tokens = sequence_length()
     d = g.scope("decoder", doc="one language-model forward over B training sequences, and the loss")
     loss = steps.forward(d, cfg, variants, tokens=tokens, batch=S.batch, image=image, slots=assembly.image_slots(),
-                         moe_block=moe_eager, scatter="placeholder_scatter")
+                         moe_block=partial(moe_eager, experts_hit=experts_hit), scatter="placeholder_scatter")
     # transformers 5.x checks the position ids for packed sequences (no cache, no 2-D mask): the text model's
     # own ops before the mask, in the graph after the forward (nothing reads its result)
     d.op("packed_sequence_check", "packed_sequence_check", Tensor("decoder.position_ids", (1, tokens), INT64),
