@@ -50,7 +50,7 @@ def test_batch_one_is_the_per_page_graph(variants):
 
 def test_batch_scales_work_not_weights():
     """B sequences: twice the matmul FLOPs of the token-wise work, the weights read once per step."""
-    g = SV.batched_graph(True, "vllm")
+    g = SV.SERVED.batched_graph(GUNDAM, "vllm")
     values = {**assembly.mode_values(GUNDAM), S.w_crop: 2, S.h_crop: 3, ES.text_tokens: 10, ES.dtype_bytes: 2,
               ES.decode_step: 5}
     node = "decoder.decode.layers.3.self_attn.q_proj"
@@ -71,7 +71,7 @@ def test_expected_experts():
     e = [float(expected_experts_hit(LM, b)) for b in (1, 2, 8, 64)]
     assert e == sorted(e) and all(x <= min(64, 6 * b) for x, b in zip(e, (1, 2, 8, 64)))
     assert e[1] == pytest.approx(64 * (1 - (58 / 64) ** 2))
-    d = SV.decode_experts(8)
+    d = SV.SERVED.decode_experts(8)
     assert d["bound"] == int(experts_hit_bound(LM, 8)) == 48 and d["expected_uniform"] < 48
 
 
@@ -127,16 +127,16 @@ def test_vision_batch_of_pages():
     from costgraph.verify.preprocess import meta_views
     from costgraph.verify.runner import measure_page
 
-    layouts = [SV.page(GUNDAM, w, h, SV.ENGINES["vllm"], 10, 10).layout for w, h in ((1654, 2339), (700, 600), (640, 480))]
+    layouts = [SV.SERVED.page(GUNDAM, w, h, SV.ENGINES["vllm"], 10, 10).layout for w, h in ((1654, 2339), (700, 600), (640, 480))]
     assert [(l.w_crop, l.h_crop, l.tiled) for l in layouts] == [(2, 3, True), (2, 2, True), (1, 1, False)]
     measured = sum(measure_page(meta_views(GUNDAM, l))[0].total() for l in layouts)
-    assert measured == SV.vision_batch(GUNDAM, layouts) > 0
+    assert measured == SV.SERVED.vision_batch(GUNDAM, layouts) > 0
 
 
 # ---- the time model -------------------------------------------------------------------------------
 
 def test_time_model_parts():
-    g = SV.batched_graph(True, "vllm")
+    g = SV.SERVED.batched_graph(GUNDAM, "vllm")
     fixed = {**assembly.mode_values(GUNDAM), ES.dtype_bytes: 2}
     v = {"w_crop": 2, "h_crop": 3, "text_tokens": 10, "t": 100, "batch": np.array([1, 8, 64])}
     hw = PRESETS["a100-40gb"]

@@ -406,11 +406,14 @@ def _released(step: int, sizes) -> str:
     return ", ".join(ok) if ok else "none of the released crop modes (use --mode for their exact polynomial)"
 
 
-BATCH_RULE = forms.IndicatorRule(
-    more_than_one(S.batch),
-    forms.Assumption("batched", "batch >= 2: several sequences' (or views') tensors are materialised where one's "
-                                "is a view; batch = 1 is given separately", r"B \geq 2"),
-    "one sequence, batch = 1", ((S.batch, 1),))
+def batch_rule(materialised: str) -> forms.IndicatorRule:
+    """The closed forms' case split at batch = 1: for B >= 2, `materialised` (what several sequences copy
+    where one's is a view)."""
+    return forms.IndicatorRule(
+        more_than_one(S.batch),
+        forms.Assumption("batched", f"batch >= 2: {materialised}; batch = 1 is given separately", r"B \geq 2"),
+        "one sequence, batch = 1", ((S.batch, 1),))
+
 
 FORM_RULES = (
     forms.IndicatorRule(
@@ -425,7 +428,8 @@ FORM_RULES = (
                                     "a view); the w_crop = 1 case is given separately",
                          r"w_{\mathrm{crop}} \geq 2"),
         "single column w_crop = 1", ((assembly.stitch_copies(), 0), (S.w_crop, 1))),
-    BATCH_RULE,
+    batch_rule("several sequences' attention heads are materialised before the score products (one sequence's are "
+               "a view)"),
     forms.BoundRule("experts", "every MoE layer's experts loop runs all {values} experts: min(experts, k*L) = "
                                "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR prompt: "
                                "k*L >= 6*74 > 64)", r"\min(E, kL) = E"),

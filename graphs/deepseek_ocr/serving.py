@@ -33,13 +33,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from costgraph import symbols as ES
+from costgraph.evaluate import substitute
 from costgraph.graph import CostGraph
-from costgraph.graphs.serving import Engine, Page, Served, ServeConfig, StepModel as _StepModel, vllm_graph  # noqa: F401
+from costgraph.graphs.serving import Engine, Served
 from . import assembly, layout as layout_module
-from .config import LM, MAX_POSITIONS, Mode
+from .config import LM, MAX_POSITIONS, LMConfig
 from .decoder import Variants, decoder_graph, expected_experts_hit, experts_hit_bound, kv_cache_bytes_per_token
-from .layout import Layout, layout_for, tokens_for  # noqa: F401
 
 
 ENGINES = {
@@ -62,9 +61,10 @@ def _lm(crop_mode: bool, variants: Variants, batch) -> CostGraph:
 
 class CropGridServed(Served):
     """The hooks DeepSeek-OCR and DeepSeek-OCR 2 fill alike: their layout and assembly modules (`layout`,
-    `assembly`) have the same functions."""
+    `assembly`) have the same functions, and their language models are DeepSeek-V2 blocks (`lm`)."""
     layout = None
     assembly = None
+    lm: LMConfig = LM
 
     def layout_for(self, width, height, mode, max_num):
         return self.layout.layout_for(width, height, mode, max_num=max_num)
@@ -77,6 +77,20 @@ class CropGridServed(Served):
 
     def dtype_values(self, dtype):
         return self.assembly.dtype_values(dtype)
+
+    def vision_formula(self, mode, metric):
+        return self.model.formula(mode, "vision", metric, self.model.variants())
+
+    def prompt_length(self, mode):
+        return self.model.prompt_length(mode)
+
+    def kv_bytes_per_token(self, dtype="bf16"):
+        return substitute(kv_cache_bytes_per_token(self.lm), self.dtype_values(dtype))
+
+    def decode_experts(self, batch):
+        """Distinct experts one MoE layer runs in a decode step of `batch` sequences: the prediction and the bound."""
+        return {"expected_uniform": float(expected_experts_hit(self.lm, batch)),
+                "bound": int(experts_hit_bound(self.lm, batch)), "used": "expected_uniform"}
 
 
 class DeepSeekOCRServed(CropGridServed):
@@ -100,97 +114,8 @@ class DeepSeekOCRServed(CropGridServed):
     def vision_scopes(self, mode):
         return ("vision.global", "vision.crops") if mode.crop_mode else ("vision.global",)
 
-    def vision_formula(self, mode, metric):
-        return assembly.formula(mode, "vision", metric)
-
-    def e2e_formula(self, mode, metric, variants):
-        return assembly.formula(mode, assembly.E2E, metric, variants)
-
     def lm_graph(self, mode, variants, batch):
         return _lm(mode.crop_mode, variants, batch)
 
-    def batched_graph(self, mode, engine_name, batch=ES.batch):
-        return batched_graph(mode.crop_mode, engine_name, batch)
-
-    def prompt_length(self, mode):
-        from .decoder import prompt_length
-        return prompt_length(mode.crop_mode)
-
-    def kv_bytes_per_token(self, dtype="bf16"):
-        return kv_bytes_per_token(dtype)
-
-    def decode_experts(self, batch):
-        return decode_experts(batch)
-
 
 SERVED = DeepSeekOCRServed()
-
-
-def engine(name: str) -> Engine:
-    return SERVED.engine(name)
-
-
-# ---- the batched graph --------------------------------------------------------------------------
-
-@lru_cache(maxsize=None)
-def batched_graph(crop_mode: bool, engine_name: str, batch=ES.batch) -> CostGraph:
-    """The language model of `engine` with `batch` sequences per step (symbolic B by default)."""
-    e = engine(engine_name)
-    g = _lm(crop_mode, e.variants, batch)
-    return vllm_graph(g) if e.paged else g
-
-
-def decode_step_formula(mode: Mode, engine_name: str, metric: str, dtype: str = "bf16"):
-    """One decode step of B sequences at context C (each sequence's attended length), in closed form:
-    symbolic in B and C (`costgraph.symbols.batch`, `context`); decode costs depend on the page only
-    through its context. The weights' share is the term without B (the routed experts' part grows
-    with B as 1 - (58/64)^B); every term in B is per sequence (its KV cache, its tokens)."""
-    return SERVED.decode_step_formula(mode, engine_name, metric, dtype)
-
-
-def vision_batch(mode: Mode, layouts: list[Layout], metric: str = "flops", dtype: str = "bf16") -> int:
-    """A batch of pages through the vision encoders: both engines encode image by image (the global
-    view, then the page's crop batch), so the batch costs the sum of its pages' `vision` totals."""
-    return SERVED.vision_batch(mode, layouts, metric, dtype)
-
-
-def decode_experts(batch: int) -> dict:
-    """Distinct experts one MoE layer runs in a decode step of `batch` sequences: the prediction and the bound."""
-    return {"expected_uniform": float(expected_experts_hit(LM, batch)),
-            "bound": int(experts_hit_bound(LM, batch)), "used": "expected_uniform"}
-
-
-# ---- pages, step times, memory, the simulation (the generic ones, for DeepSeek-OCR) ----------------------
-
-def page(mode: Mode, width: int, height: int, eng: Engine, text_tokens: int, output_tokens: int) -> Page:
-    return SERVED.page(mode, width, height, eng, text_tokens, output_tokens)
-
-
-def prompt_tokens(mode: Mode, p: Page) -> int:
-    return SERVED.prompt_tokens(mode, p)
-
-
-class StepModel(_StepModel):
-    """Predicted seconds of serving steps on one preset: vision per page, batched prefill, batched decode."""
-
-    def __init__(self, mode: Mode, eng: Engine, hw, dtype: str = "bf16", eff=None):
-        super().__init__(SERVED, mode, eng, hw, dtype, eff)
-
-
-def weight_bytes(mode: Mode, dtype: str = "bf16") -> int:
-    return SERVED.weight_bytes(mode, dtype)
-
-
-def kv_bytes_per_token(dtype: str = "bf16") -> int:
-    from costgraph.evaluate import substitute
-    return substitute(kv_cache_bytes_per_token(LM), assembly.dtype_values(dtype))
-
-
-def activation_bytes(mode: Mode, p: Page, tokens: int, eng: Engine, dtype: str = "bf16") -> int:
-    return SERVED.activation_bytes(mode, p, tokens, eng, dtype)
-
-
-def serve(mode: Mode, pages: list[Page], eng: Engine, hw, cfg: ServeConfig = ServeConfig(), dtype: str = "bf16",
-          progress=None) -> dict:
-    """Simulate serving `pages` (in order) on one preset; returns the summary with its inputs."""
-    return SERVED.serve(mode, pages, eng, hw, cfg, dtype, progress)

@@ -10,7 +10,7 @@ graph). This module adapts them to the interface the app uses.
 from __future__ import annotations
 
 from costgraph import forms
-from costgraph.graphs.deepseek_ocr import (BATCH_RULE, METRIC_NOTES, CropGridLM, crop_grid_columns, page_layout,
+from costgraph.graphs.deepseek_ocr import (METRIC_NOTES, CropGridLM, batch_rule, crop_grid_columns, page_layout,
                                             page_layout_columns, positions_unrunnable, training_options)
 from costgraph.graphs.deepseek_ocr.layout import crops_run
 from costgraph.model import Point, VariantOption
@@ -201,7 +201,8 @@ FORM_RULES = (
                                   "layout means no crops and is given separately",
                          r"w_{\mathrm{crop}} h_{\mathrm{crop}} \geq 2"),
         "no-crop layout 1x1 (page within 768x768)", ((S.w_crop, 1), (S.h_crop, 1))),
-    BATCH_RULE,
+    batch_rule("several pages' global views are a non-contiguous batch for the projector (a copy, the bias added "
+               "apart) and SAM's global-attention heads are materialised (one view's are views)"),
     forms.BoundRule("experts", "every MoE layer's experts loop runs all {values} experts: min(experts, k*L) = "
                                "experts, i.e. the prompt routes at least that many rows (any DeepSeek-OCR 2 prompt: "
                                "k*L >= 6*258 > 64)", r"\min(E, kL) = E"),

@@ -24,8 +24,6 @@ No throughput is published for DeepSeek-OCR 2 (SPEC): `published` is None and no
 """
 from __future__ import annotations
 
-from costgraph.evaluate import substitute
-from costgraph.graphs.deepseek_ocr.decoder import expected_experts_hit, experts_hit_bound
 from costgraph.graphs.deepseek_ocr.serving import CropGridServed
 from costgraph.graphs.serving import Engine
 from . import assembly, decoder, layout as layout_module
@@ -49,6 +47,7 @@ class DeepSeekOCR2Served(CropGridServed):
     max_positions = MAX_POSITIONS
     layout = layout_module
     assembly = assembly
+    lm = LM
 
     @property
     def model(self):
@@ -64,24 +63,8 @@ class DeepSeekOCR2Served(CropGridServed):
     def vision_scopes(self, mode):
         return ("vision.global", "vision.crops")   # the crop scope runs only for a tiled page (multiplicity)
 
-    def vision_formula(self, mode, metric):
-        return assembly.formula("vision", metric)
-
-    def e2e_formula(self, mode, metric, variants):
-        return assembly.formula(assembly.E2E, metric, variants)
-
     def lm_graph(self, mode, variants, batch):
         return assembly.lm_graph(variants, batch=batch)
-
-    def prompt_length(self, mode):
-        return self.model.prompt_length(mode)
-
-    def kv_bytes_per_token(self, dtype="bf16"):
-        return substitute(decoder.kv_cache_bytes_per_token(LM), assembly.dtype_values(dtype))
-
-    def decode_experts(self, batch):
-        return {"expected_uniform": float(expected_experts_hit(LM, batch)),
-                "bound": int(experts_hit_bound(LM, batch)), "used": "expected_uniform"}
 
 
 SERVED = DeepSeekOCR2Served()
