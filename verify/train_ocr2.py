@@ -254,7 +254,7 @@ def run_lm(model, req: TrainRequest, metrics: bool = False) -> tuple[Step, dict]
     info = {"tokens_per_sequence": ids.shape[1], "batch": req.batch, "loss": round(float(out.loss.detach()), 4),
             "forward_seconds": round(t_fwd, 3), "step_seconds": round(time.perf_counter() - t, 3),
             "image_features_grad": feats.grad is not None, "experts_hit": hits,
-            "experts_hit_bound": int(train_graph_mod.blocks.experts_hit_bound(req.lm, req.batch * ids.shape[1]))}
+            "experts_hit_bound": experts_bound(req)}
     return step, info
 
 
